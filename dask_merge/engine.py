@@ -1,0 +1,548 @@
+"""The Dask engine: plan the pairs, map the merge over a bag, gather small records.
+
+:func:`plan` finds the pairs and drops the checkpointed ones on the client,
+so they never occupy a worker.  :meth:`Plan.execute` maps :func:`merge_pairs`
+over a :mod:`dask.bag` of the rest on one of these schedulers:
+
+==============  ==================================================================
+``processes``   the default: a pool of spawned processes, nothing else to start
+``threads``     one process, a thread pool
+``sync``        one process, one thread, plain loop: for debugging (pdb works)
+``local``       a :class:`distributed.LocalCluster` started and closed here, with
+                its dashboard
+an address      ``tcp://host:port`` of an existing Dask scheduler (or pass
+                ``scheduler_file=``): workers must see the same paths
+==============  ==================================================================
+
+Workers send back one small :class:`Record` per pair, never tensors: each task
+writes its own output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
+
+import dask
+import dask.bag as db
+from dask.base import tokenize
+
+from .errors import MergeError
+from .formats import label_value, remove_stale_temporaries
+from .merge import merge_pair
+from .plan import (
+    Checkpoint,
+    Pair,
+    checkpoint_state,
+    find_pairs,
+    input_fingerprints,
+    write_checkpoint,
+)
+
+LOCAL_SCHEDULERS = ("processes", "threads", "sync")
+TASK_NAME = "merge-pair"  # what tasks are called on the dashboard
+TARGET_PARTITION_BYTES = 32 * 2**20  # batch tiny pairs up to about this much input
+CONNECT_TIMEOUT = "10s"
+
+
+class ConfigurationError(ValueError):
+    """The run cannot start: a missing folder, no pairs, a bad scheduler, ..."""
+
+
+# --- records ----------------------------------------------------------------
+
+
+@dataclass
+class Record:
+    """What happened to one pair: what the client gets back instead of tensors."""
+
+    name: str
+    status: str  # "merged", "skipped" or "failed"
+    rows: int | None = None
+    nucleotide_only: int | None = None
+    protein_only: int | None = None
+    dropped_examples: list[str] = field(default_factory=list)
+    seconds: float | None = None
+    error: str | None = None
+    reason: str | None = None  # why a pair was skipped
+    output: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def merge_one(pair: Pair, labels: list[int] | None) -> Record:
+    """Merge one pair and checkpoint it; never raises: failures become records."""
+    start = time.perf_counter()
+    try:
+        inputs = input_fingerprints(pair)  # before reading: a later change shows
+        result = merge_pair(pair.nucleotide, pair.protein, pair.output, label=labels and labels[0])
+        write_checkpoint(pair, inputs, labels=labels, rows=result.rows)
+    except MergeError as err:
+        return Record(pair.name, "failed", error=str(err), seconds=time.perf_counter() - start)
+    except OSError as err:
+        return Record(pair.name, "failed", seconds=time.perf_counter() - start,
+                      error=f"{err.filename or pair.name}: {err.strerror or err}")
+    except Exception as err:  # a bug, not bad input: keep the traceback's tail
+        where = traceback.format_exc(limit=-3)
+        return Record(pair.name, "failed", seconds=time.perf_counter() - start,
+                      error=f"unexpected {type(err).__name__}: {err}\n{where}")
+    return Record(
+        pair.name, "merged", rows=result.rows,
+        nucleotide_only=result.nucleotide_only, protein_only=result.protein_only,
+        dropped_examples=[*result.nucleotide_only_examples, *result.protein_only_examples],
+        seconds=result.seconds, output=result.output,
+    )
+
+
+def merge_pairs(pairs: Sequence[Pair], labels: list[int] | None) -> list[Record]:
+    """The task of one bag partition: merge its pairs one after another."""
+    return [merge_one(Pair(*pair), labels) for pair in pairs]
+
+
+def _crashed(pairs: Sequence[Pair], why: str) -> list[Record]:
+    return [Record(Pair(*p).name, "failed", error=f"{why}; the pair was retried, then given up")
+            for p in pairs]
+
+
+# --- the report ----------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """The outcome of a run: one record per pair found, skipped ones included."""
+
+    records: list[Record]
+    unpaired: list[str]
+    seconds: float
+    scheduler: str
+    dashboard: str | None = None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(("merged", "skipped", "failed"), 0)
+        for record in self.records:
+            counts[record.status] += 1
+        return counts
+
+    @property
+    def failures(self) -> list[Record]:
+        return [r for r in self.records if r.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict:
+        """The JSON report: ``counts``, ``seconds``, ``pairs``, ``unpaired`` (a stable contract)."""
+        return {
+            "counts": self.counts,
+            "seconds": round(self.seconds, 3),
+            "pairs": [r.to_dict() for r in self.records],
+            "unpaired": self.unpaired,
+            "scheduler": self.scheduler,
+            "dashboard": self.dashboard,
+        }
+
+    def to_json(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    def summary(self, errors: int = 5) -> str:
+        """A few lines for a terminal."""
+        counts = self.counts
+        rows = sum(r.rows or 0 for r in self.records if r.status == "merged")
+        lines = [
+            f"merged {counts['merged']}, skipped {counts['skipped']}, failed {counts['failed']} "
+            f"pairs; {rows:,} rows written in {self.seconds:.1f} s ({self.scheduler})"
+        ]
+        if self.unpaired:
+            lines.append(f"{len(self.unpaired)} files without a partner, e.g. {self.unpaired[0]}")
+        for record in self.failures[:errors]:
+            lines.append(f"  FAILED {record.name}: {record.error.splitlines()[0]}")
+        if len(self.failures) > errors:
+            lines.append(f"  ... and {len(self.failures) - errors} more failures")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
+        head = "".join(f"<th>{h}</th>" for h in ("pair", "status", "rows", "dropped", "seconds", "error"))
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+                r.name, r.status, "" if r.rows is None else r.rows,
+                "" if r.nucleotide_only is None else f"{r.nucleotide_only} + {r.protein_only}",
+                "" if r.seconds is None else f"{r.seconds:.2f}",
+                (r.error or r.reason or "")[:200],
+            )) + "</tr>"
+            for r in self.records[:200]
+        )
+        more = f"<p>... {len(self.records) - 200} more</p>" if len(self.records) > 200 else ""
+        return (f"<p><b>dask_merge report</b>: {counts} in {self.seconds:.1f} s on {self.scheduler}</p>"
+                f"<table><tr>{head}</tr>{body}</table>{more}")
+
+
+# --- the plan ----------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """The pairs to merge and those already done; :meth:`execute` runs it."""
+
+    pending: list[Pair]
+    done: list[tuple[Pair, Checkpoint]]
+    unpaired: list[str]
+    labels: list[int] | None
+    output_dir: str
+
+    def execute(
+        self,
+        scheduler: str = "processes",
+        *,
+        workers: int | None = None,
+        scheduler_file: str | None = None,
+        dashboard_address: str = "127.0.0.1:8787",
+        progress: bool = True,
+        retries: int = 1,
+        partition_size: int | None = None,
+        performance_report: str | None = None,
+        client=None,
+    ) -> Report:
+        """Merge the pending pairs; return a :class:`Report`.
+
+        Parameters
+        ----------
+        scheduler
+            ``processes``, ``threads``, ``sync``, ``local`` or the address of a
+            running Dask scheduler.  Ignored when ``client`` or
+            ``scheduler_file`` is given.
+        workers
+            Worker processes (or threads); default: the number of cores.
+        scheduler_file
+            The scheduler file of an existing cluster (dask-jobqueue, dask-mpi).
+        dashboard_address
+            Where a ``local`` cluster serves its dashboard; another free port
+            is used when that one is taken.
+        progress
+            Draw a progress bar (a widget in notebooks).
+        retries
+            How often a pair whose worker died (or raised) is tried again
+            before it is reported failed.
+        partition_size
+            Pairs per task; by default one per pair for large pairs, batches
+            of about 32 MiB of input for tiny ones.
+        performance_report
+            On a cluster: write Dask's HTML performance report there.
+        client
+            An existing :class:`distributed.Client` to run on.
+        """
+        workers = workers or os.cpu_count() or 1
+        skipped = [Record(p.name, "skipped", reason=c.reason, output=p.output) for p, c in self.done]
+        start = time.perf_counter()
+        for folder in {os.path.dirname(p.output) for p in self.pending}:
+            remove_stale_temporaries(folder)
+        partitions = _partitions(self.pending, partition_size, workers)
+        dashboard = None
+        if not partitions:
+            records = []
+        elif client is not None or scheduler_file or scheduler not in LOCAL_SCHEDULERS:
+            with _distributed_client(scheduler, scheduler_file, client, workers,
+                                     dashboard_address) as active:
+                dashboard = active.dashboard_link
+                if progress and dashboard:
+                    print(f"dask-merge: dashboard at {dashboard}", file=sys.stderr)
+                records = _run_distributed(active, partitions, self.labels, retries=retries,
+                                           progress=progress, performance_report=performance_report)
+        elif scheduler == "processes":
+            records = _run_processes(partitions, self.labels, workers=workers,
+                                     retries=retries, progress=progress)
+        else:
+            records = _run_local(partitions, self.labels, scheduler, workers, progress)
+        order = {p.name: i for i, p in enumerate(self.pending)}
+        records.sort(key=lambda r: order[r.name])
+        return Report(skipped + records, self.unpaired, time.perf_counter() - start,
+                      scheduler if client is None and not scheduler_file else "cluster", dashboard)
+
+    def _repr_html_(self) -> str:
+        rows = [(p.name, "pending", "") for p in self.pending]
+        rows += [(p.name, "checkpointed", c.reason) for p, c in self.done]
+        rows += [(os.path.basename(u), "no partner", u) for u in self.unpaired]
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
+            for row in rows[:200]
+        )
+        return (f"<p><b>dask_merge plan</b>: {len(self.pending)} pending, {len(self.done)} "
+                f"checkpointed, {len(self.unpaired)} without a partner; outputs in "
+                f"{html.escape(self.output_dir)}</p>"
+                f"<table><tr><th>pair</th><th>state</th><th>why</th></tr>{body}</table>")
+
+
+def plan(
+    nucleotide_dir: str | os.PathLike[str],
+    protein_dir: str | os.PathLike[str] | None = None,
+    output_dir: str | os.PathLike[str] | None = None,
+    *,
+    label: str | int | None = None,
+    force: bool = False,
+) -> Plan:
+    """Find the pairs and which of them are already merged.
+
+    Raises
+    ------
+    ConfigurationError
+        A missing folder, an output folder that cannot be written, no pairs,
+        a bad label.
+    """
+    try:
+        labels = label_value(label)
+        found = find_pairs(nucleotide_dir, protein_dir, output_dir)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigurationError(str(err)) from None
+    output_dir = os.fspath(output_dir if output_dir is not None else nucleotide_dir)
+    if not found.pairs:
+        raise ConfigurationError(
+            f"no pairs found: no STEM_DNABERT_S.pt in {os.fspath(nucleotide_dir)} "
+            f"has a STEM_ESM.pt partner in {os.fspath(protein_dir or nucleotide_dir)}"
+        )
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as err:
+        raise ConfigurationError(f"cannot create output folder {output_dir} ({err.strerror})") from None
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"output folder {output_dir} is not writable")
+    pending, done = [], []
+    for pair in found.pairs:
+        state = checkpoint_state(pair, labels=labels, force=force)
+        if state.done:
+            done.append((pair, state))
+        else:
+            pending.append(pair)
+    return Plan(pending, done, found.unpaired, labels, output_dir)
+
+
+def run(
+    nucleotide_dir: str | os.PathLike[str],
+    protein_dir: str | os.PathLike[str] | None = None,
+    output_dir: str | os.PathLike[str] | None = None,
+    *,
+    label: str | int | None = None,
+    force: bool = False,
+    **execute_options,
+) -> Report:
+    """Plan and execute in one call: ``plan(...).execute(**execute_options)``."""
+    return plan(nucleotide_dir, protein_dir, output_dir, label=label, force=force).execute(
+        **execute_options
+    )
+
+
+# --- partitioning ----------------------------------------------------------------
+
+
+def _partitions(pending: list[Pair], size: int | None, workers: int) -> list[list[Pair]]:
+    """Split the pairs into tasks.
+
+    A 10,000-row pair takes a second: one task each.  Thousands of 10-row pairs
+    take milliseconds each, less than a task costs to schedule: batch them to
+    about :data:`TARGET_PARTITION_BYTES` of input, yet keep at least four tasks
+    per worker so that all stay busy to the end.
+    """
+    if not pending:
+        return []
+    if size is None:
+        sizes = [_input_bytes(p) for p in pending[:100]]
+        per_pair = max(sum(sizes) / len(sizes), 1)
+        size = int(min(TARGET_PARTITION_BYTES // per_pair, len(pending) / (4 * workers)))
+    size = max(size, 1)
+    return [pending[i : i + size] for i in range(0, len(pending), size)]
+
+
+def _input_bytes(pair: Pair) -> int:
+    with contextlib.suppress(OSError):
+        return os.path.getsize(pair.nucleotide) + os.path.getsize(pair.protein)
+    return 0
+
+
+def _bag(partitions: list[list[Pair]], labels: list[int] | None) -> db.Bag:
+    """The bag of pair tuples, one partition per task, mapped to :func:`merge_pairs`."""
+    name = f"pairs-{tokenize(partitions)}"
+    bag = db.Bag({(name, i): list(part) for i, part in enumerate(partitions)}, name, len(partitions))
+    return bag.map_partitions(merge_pairs, labels, token=TASK_NAME)
+
+
+# --- local schedulers --------------------------------------------------------------
+
+
+def _progress_bar(progress: bool):
+    from dask.diagnostics import ProgressBar
+
+    return ProgressBar(minimum=0.5) if progress else contextlib.nullcontext()
+
+
+def _run_local(partitions, labels, scheduler: str, workers: int, progress: bool) -> list[Record]:
+    with _progress_bar(progress):
+        parts = _bag(partitions, labels).to_delayed()
+        results = dask.compute(*parts, scheduler=scheduler, num_workers=workers)
+    return [record for part in results for record in part]
+
+
+def _limit_threads(threads: int) -> None:
+    """Initializer of each worker process: workers x threads <= cores.
+
+    The merge itself uses no threads; a torch or BLAS library imported by the
+    user's ``__main__`` would otherwise start one thread per core in each worker.
+    """
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def _run_processes(partitions, labels, *, workers: int, retries: int, progress: bool) -> list[Record]:
+    """Run on a spawned process pool and survive workers that die.
+
+    A dead child breaks the whole pool (``BrokenProcessPool``).  The tasks
+    that had finished keep their records; those that had not started run in a
+    fresh pool; those running when it broke are suspects, retried one by one
+    in pools of their own, so the culprit is found and reported and no
+    innocent pair is blamed.
+    """
+    records: list[Record] = []
+    remaining = list(partitions)
+    while remaining:
+        finished, running, broken = _compute_in_pool(remaining, labels, workers, progress)
+        records += [r for part in finished.values() for r in part]
+        if not broken:
+            break
+        records += _isolate(
+            [remaining[i] for i in sorted(running)], labels, retries, progress
+        )
+        remaining = [p for i, p in enumerate(remaining) if i not in finished and i not in running]
+    return records
+
+
+def _isolate(suspects, labels, retries: int, progress: bool) -> list[Record]:
+    records = []
+    for pair in (pair for part in suspects for pair in part):
+        for attempt in range(retries + 1):
+            finished, _, broken = _compute_in_pool([[pair]], labels, 1, progress)
+            if not broken:
+                records += finished[0]
+                break
+        else:
+            records += _crashed([pair], f"the worker process died while merging {pair.name} "
+                                        f"({retries + 1} times): crashed or killed (out of memory?)")
+    return records
+
+
+def _compute_in_pool(partitions, labels, workers: int, progress: bool):
+    """Compute the bag on a new spawn pool; return (finished, running, broken).
+
+    ``finished`` maps partition index to records, ``running`` holds the
+    indices of tasks in flight when the pool broke.
+    """
+    from dask.callbacks import Callback
+    import multiprocessing
+
+    bag = _bag(partitions, labels)
+    started: set[int] = set()
+    finished: dict[int, list[Record]] = {}
+
+    def pretask(key, dsk, state):
+        if isinstance(key, tuple) and key[0] == bag.name:
+            started.add(key[1])
+
+    def posttask(key, result, dsk, state, worker_id):
+        if isinstance(key, tuple) and key[0] == bag.name:
+            finished[key[1]] = result
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_limit_threads, initargs=(threads,))
+    broken = False
+    try:
+        with Callback(pretask=pretask, posttask=posttask), _progress_bar(progress):
+            bag.compute(scheduler="processes", pool=pool, chunksize=1)
+    except BrokenProcessPool:
+        broken = True
+    finally:
+        pool.shutdown(wait=not broken, cancel_futures=True)
+    return finished, started - finished.keys(), broken
+
+
+# --- distributed --------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _distributed_client(scheduler, scheduler_file, client, workers, dashboard_address) -> Iterator:
+    from distributed import Client, LocalCluster
+
+    if client is not None:
+        yield client
+        return
+    if scheduler == "local" and not scheduler_file:
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                          host="127.0.0.1", dashboard_address=dashboard_address) as cluster, \
+                Client(cluster) as local:
+            yield local
+        return
+    target = {"scheduler_file": scheduler_file} if scheduler_file else {"address": scheduler}
+    try:
+        remote = Client(**target, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError, ValueError) as err:
+        where = scheduler_file or scheduler
+        raise ConfigurationError(f"cannot reach a Dask scheduler at {where}: {err}") from None
+    with remote:
+        yield remote
+
+
+def _paths_visible(paths: list[str]) -> list[str]:
+    """Run on a worker: which of ``paths`` it cannot see."""
+    return [p for p in paths if not os.path.exists(p)]
+
+
+def _run_distributed(client, partitions, labels, *, retries, progress, performance_report):
+    from distributed import as_completed, performance_report as dask_report
+
+    first = partitions[0][0]
+    missing = client.submit(_paths_visible, [first.nucleotide, first.protein,
+                                             os.path.dirname(first.output)], pure=False).result()
+    if missing:
+        raise ConfigurationError(
+            f"a Dask worker cannot see {missing[0]}: workers must see the same paths as the "
+            "client (a shared file system, mounted at the same place)"
+        )
+    report = dask_report(filename=performance_report) if performance_report else contextlib.nullcontext()
+    records: list[Record] = []
+    with report:
+        futures = client.compute(_bag(partitions, labels).to_delayed(), retries=retries)
+        index = {f.key: i for i, f in enumerate(futures)}
+        if progress:
+            _show_progress(futures)
+        for future in as_completed(futures):
+            try:
+                records += future.result()
+            except Exception as err:  # KilledWorker: the task killed its workers
+                why = f"the Dask worker died while merging ({type(err).__name__}: {err})"
+                records += _crashed(partitions[index[future.key]], why)
+    return records
+
+
+def _show_progress(futures) -> None:
+    from distributed import progress
+
+    from distributed.utils import is_kernel
+
+    if is_kernel():
+        from IPython.display import display
+
+        display(progress(futures, notebook=True))
+    else:
+        progress(futures, notebook=False)

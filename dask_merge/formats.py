@@ -1,0 +1,296 @@
+"""The VirNucPro feature layouts: reading them safely, writing them atomically.
+
+===============  ==========================================================
+file             what ``torch.save`` stored
+===============  ==========================================================
+STEM_DNABERT_S   ``{'nucleotide': [id, ...], 'data': [{'label': id,
+                 'mean_representation': [float, ...]}, ...]}``
+STEM_ESM         ``{'proteins': [id, ...], 'data': [1-D float32 tensor, ...]}``
+STEM_merged      ``{'ids': [id, ...], 'data': float32 tensor (rows, width)}``,
+                 with a training label also ``'labels': [1 or 0]``
+===============  ==========================================================
+
+Reading gives a :class:`FeatureFile`: ids and width, checked, with the vectors
+left in the file's bytes until :meth:`FeatureFile.fill` copies the rows a
+merge needs straight into the output array.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import numpy as np
+
+from .archive import FloatRun, TensorRef, TorchArchive, write_archive
+from .errors import FileFormatError, OutputError
+
+NUCLEOTIDE_SUFFIX = "_DNABERT_S.pt"
+PROTEIN_SUFFIX = "_ESM.pt"
+MERGED_SUFFIX = "_merged.pt"
+
+_LAYOUTS = {
+    "nucleotide": ("DNABERT-S nucleotide", ("nucleotide", "data")),
+    "protein": ("ESM-2 protein", ("proteins", "data")),
+    "merged": ("merged feature", ("ids", "data")),
+}
+LABELS = {"viral": 1, "host": 0}
+
+
+@dataclass(frozen=True)
+class FeatureFile:
+    """The ids of one feature file and, still unread, their vectors.
+
+    ``fast`` tells whether every vector can be copied with a slice of the
+    file's bytes (the layout upstream writes); otherwise rows are assembled
+    piece by piece, with the same result.
+    """
+
+    path: str
+    ids: list[str]
+    width: int
+    fast: bool
+    _archive: TorchArchive = field(repr=False)
+    _vectors: list = field(repr=False)
+
+    def fill(self, out: np.ndarray, rows: Sequence[int]) -> None:
+        """Copy the vectors at positions ``rows`` of :attr:`ids`, in order, into ``out``.
+
+        Values are converted to ``out``'s dtype as ``torch.tensor`` would
+        (a pickled float is a double; it is rounded once, to nearest).
+        """
+        if self.fast and rows:
+            self._fill_fast(out, rows)
+        else:
+            for j, i in enumerate(rows):
+                out[j] = self._vector(self._vectors[i])
+
+    def _vector(self, value: object) -> np.ndarray:
+        if type(value) is TensorRef:
+            return self._archive.array(value)
+        pieces = [
+            self._archive.floats(p) if type(p) is FloatRun else np.array([p], np.float64)
+            for p in value
+        ]
+        return np.concatenate(pieces) if pieces else np.empty(0)
+
+    def _fill_fast(self, out: np.ndarray, rows: Sequence[int]) -> None:
+        # One flat view of the bytes, then one cheap slice per row: per-row
+        # numpy views cost more than the copy itself at these widths.
+        archive, vectors, width = self._archive, self._vectors, self.width
+        if type(vectors[rows[0]]) is TensorRef:
+            flat = np.frombuffer(archive.buffer, "<f4", count=len(archive.buffer) // 4)
+            for j, i in enumerate(rows):
+                ref = vectors[i]
+                start, misaligned = divmod(archive.record_offset(ref.storage.key), 4)
+                start += ref.offset
+                out[j] = archive.array(ref) if misaligned else flat[start : start + width]
+        else:
+            doubles = archive.pickled_doubles()
+            for j, i in enumerate(rows):
+                start = vectors[i][0].offset + 1
+                out[j] = doubles[start : start + 9 * width : 9]
+
+
+def read_features(path: str | os.PathLike[str], kind: str) -> FeatureFile:
+    """Read a ``kind`` ('nucleotide' or 'protein') feature file, checking its layout.
+
+    Raises
+    ------
+    FileFormatError
+        Naming the file and the id or key at fault: a layout that is not
+        ``kind``'s, ids that are not unique strings, a vector of another
+        width than the first, a vector that is not float32 / float.
+    UnsafeFileError
+        The pickle asks for anything beyond tensors and plain containers.
+    """
+    path = os.fspath(path)
+    archive = TorchArchive.open(path)
+    obj = archive.load()
+    ids_key = _LAYOUTS[kind][1][0]
+    _check_layout(path, obj, kind)
+    ids, rows = obj[ids_key], obj["data"]
+    if len(ids) != len(rows):
+        raise FileFormatError(
+            f"{path}: {len(ids)} ids in {ids_key!r} but {len(rows)} vectors in 'data'"
+        )
+    _check_unique(path, ids, ids_key)
+    check = _nucleotide_vector if kind == "nucleotide" else _protein_vector
+    vectors, widths = zip(*(check(path, i, v) for i, v in zip(ids, rows))) if ids else ((), ())
+    width = widths[0] if widths else 0
+    for i, w in zip(ids, widths):
+        if w != width:
+            raise FileFormatError(
+                f"{path}: the vector of id {i!r} has {w} values, the first ({ids[0]!r}) has {width}"
+            )
+    fast = all(_is_fast(v) for v in vectors)
+    return FeatureFile(path, ids, width, fast, archive, list(vectors))
+
+
+def _check_layout(path: str, obj: object, kind: str) -> None:
+    title, keys = _LAYOUTS[kind]
+    if type(obj) is dict and all(type(obj.get(k)) is list for k in keys):
+        return
+    found = sorted(obj) if type(obj) is dict else type(obj).__name__
+    for other, (other_title, other_keys) in _LAYOUTS.items():
+        if other != kind and type(obj) is dict and set(other_keys) <= set(obj):
+            raise FileFormatError(
+                f"{path}: expected a {title} file (keys {list(keys)}), "
+                f"but this is a {other_title} file (keys {found})"
+            )
+    raise FileFormatError(f"{path}: expected a {title} file with list values {list(keys)}, found {found}")
+
+
+def _check_unique(path: str, ids: list, key: str) -> None:
+    seen: set[str] = set()
+    for i in ids:
+        if type(i) is not str:
+            raise FileFormatError(f"{path}: {key!r} holds {i!r:.80}, not an id string")
+        if i in seen:
+            raise FileFormatError(f"{path}: id {i!r} appears twice in {key!r}")
+        seen.add(i)
+
+
+def _nucleotide_vector(path: str, seq_id: str, row: object) -> tuple[list, int]:
+    if type(row) is not dict or "mean_representation" not in row:
+        raise FileFormatError(f"{path}: the row of id {seq_id!r} has no 'mean_representation'")
+    if row.get("label", seq_id) != seq_id:
+        raise FileFormatError(
+            f"{path}: the row of id {seq_id!r} is labelled {row['label']!r:.80}; rows and ids disagree"
+        )
+    values = row["mean_representation"]
+    if type(values) is not list or not all(type(v) in (FloatRun, float) for v in values):
+        raise FileFormatError(
+            f"{path}: 'mean_representation' of id {seq_id!r} is not a list of floats"
+        )
+    return values, sum(v.count if type(v) is FloatRun else 1 for v in values)
+
+
+def _protein_vector(path: str, seq_id: str, row: object) -> tuple[TensorRef, int]:
+    if type(row) is not TensorRef or len(row.shape) != 1:
+        shape = getattr(row, "shape", type(row).__name__)
+        raise FileFormatError(f"{path}: the vector of id {seq_id!r} is not a 1-D tensor ({shape})")
+    if row.storage.dtype != np.float32:
+        raise FileFormatError(
+            f"{path}: the vector of id {seq_id!r} is {row.storage.dtype}, expected float32"
+        )
+    return row, row.shape[0]
+
+
+def _is_fast(vector: object) -> bool:
+    if type(vector) is TensorRef:
+        return vector.stride == (1,) or vector.shape[0] <= 1
+    return len(vector) == 1 and type(vector[0]) is FloatRun
+
+
+# --- the merged file -----------------------------------------------------------
+
+
+def label_value(label: str | int | None) -> list[int] | None:
+    """The ``labels`` entry of a merged file for a training label.
+
+    >>> label_value("viral"), label_value("host"), label_value(3), label_value(None)
+    ([1], [0], [3], None)
+    """
+    if label is None:
+        return None
+    if isinstance(label, str) and label.lower() in LABELS:
+        return [LABELS[label.lower()]]
+    try:
+        return [int(label)]
+    except (TypeError, ValueError):
+        raise ValueError(f"label {label!r} is not 'viral', 'host' or an integer") from None
+
+
+def write_merged(path: str, ids: list[str], data: np.ndarray, labels: list[int] | None) -> None:
+    """Write a merged feature file atomically; it loads with plain ``torch.load``."""
+    content: dict[str, object] = {"ids": ids, "data": data}
+    if labels is not None:
+        content["labels"] = labels
+    name = os.path.basename(path).removesuffix(".pt")
+    atomic_write(path, lambda f: write_archive(f, content, name=name))
+
+
+# --- atomic writing ------------------------------------------------------------
+
+_TEMPORARY_MARK = ".dask-merge-tmp-"
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file that appears under ``path`` only when complete.
+
+    ``write`` fills a temporary file in the same folder, which is flushed,
+    fsynced and renamed over ``path`` (atomic on POSIX).  Concurrent writers
+    of one path each rename a complete file; the last one wins.  While it is
+    written, the temporary holds an exclusive lock, which tells
+    :func:`remove_stale_temporaries` that it is still in use.
+
+    Raises
+    ------
+    OutputError
+        The folder is missing or read-only, the disk is full, ...; no file is
+        left behind under either name.
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(folder, f".{name}{_TEMPORARY_MARK}{uuid.uuid4().hex}")
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as err:
+        raise OutputError(f"{path}: cannot write in {folder} ({err.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+            os.replace(temporary, path)
+    except BaseException as err:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        if isinstance(err, OSError):
+            raise OutputError(f"{path}: cannot write ({err.strerror or err})") from None
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    # Makes the rename itself durable; some file systems refuse, harmlessly.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def is_temporary(name: str) -> bool:
+    """True for the name of a temporary that :func:`atomic_write` makes."""
+    return _TEMPORARY_MARK in name
+
+
+def remove_stale_temporaries(folder: str, *, min_age: float = 60.0) -> list[str]:
+    """Remove temporaries left by killed runs in ``folder``; return their paths.
+
+    A temporary is stale when no process holds its lock and it is older than
+    ``min_age`` seconds (the age closes the short gap between a writer
+    creating its temporary and locking it).
+    """
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(folder):
+            if not is_temporary(entry.name):
+                continue
+            with contextlib.suppress(FileNotFoundError, BlockingIOError, PermissionError):
+                if time.time() - entry.stat().st_mtime < min_age:
+                    continue
+                with open(entry.path, "rb") as f:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    os.unlink(entry.path)
+                removed.append(entry.path)
+    return removed

@@ -1,0 +1,110 @@
+"""The kernel: merge one DNABERT-S / ESM-2 file pair into one feature file.
+
+No Dask here: :func:`merge_pair` is a plain function that the engine maps
+over many pairs, and that a user can call on one pair to debug it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import MispairedError
+from .formats import label_value, read_features, write_merged
+
+EXAMPLES = 5  # how many dropped ids a result names
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What one merge wrote: small enough to send from a worker to the client."""
+
+    output: str
+    rows: int
+    nucleotide_width: int
+    protein_width: int
+    nucleotide_only: int
+    """Ids of the nucleotide file without a protein vector: their rows were dropped."""
+    protein_only: int
+    """Ids of the protein file without a nucleotide vector: not used."""
+    nucleotide_only_examples: tuple[str, ...]
+    protein_only_examples: tuple[str, ...]
+    seconds: float
+
+
+def merge_pair(
+    nucleotide_file: str | os.PathLike[str],
+    protein_file: str | os.PathLike[str],
+    output_file: str | os.PathLike[str],
+    *,
+    label: str | int | None = None,
+) -> MergeResult:
+    """Join two feature files by sequence id and write the merged features.
+
+    Row ``i`` of the output is ``cat(nucleotide vector, protein vector)`` of
+    the ``i``-th nucleotide id that has a protein vector; ``ids`` lists
+    exactly those ids.  The output appears under ``output_file`` only when
+    complete.
+
+    Parameters
+    ----------
+    nucleotide_file, protein_file
+        ``STEM_DNABERT_S.pt`` and ``STEM_ESM.pt`` as the VirNucPro pipeline
+        writes them.
+    output_file
+        Where to write ``STEM_merged.pt``.
+    label
+        ``'viral'`` (1), ``'host'`` (0) or an int: stored as ``labels: [n]``
+        for training.  ``None`` stores no label (prediction).
+
+    Raises
+    ------
+    MergeError
+        A subclass naming the file and the id or key at fault: unreadable,
+        unsafe or malformed input (:class:`FileFormatError`,
+        :class:`UnsafeFileError`), two files sharing no id
+        (:class:`MispairedError`), an output that cannot be written
+        (:class:`OutputError`).
+    """
+    start = time.perf_counter()
+    labels = label_value(label)
+    output_file = os.fspath(output_file)
+    protein = read_features(protein_file, "protein")
+    nucleotide = read_features(nucleotide_file, "nucleotide")
+
+    position = {seq_id: i for i, seq_id in enumerate(protein.ids)}
+    nucleotide_rows, protein_rows, ids, nucleotide_only = [], [], [], []
+    for i, seq_id in enumerate(nucleotide.ids):
+        j = position.pop(seq_id, None)
+        if j is None:
+            nucleotide_only.append(seq_id)
+        else:
+            nucleotide_rows.append(i)
+            protein_rows.append(j)
+            ids.append(seq_id)
+    protein_only = [seq_id for seq_id in protein.ids if seq_id in position]
+    if not ids and (nucleotide.ids or protein.ids):
+        raise MispairedError(
+            f"{nucleotide.path} ({len(nucleotide.ids)} ids) and {protein.path} "
+            f"({len(protein.ids)} ids) share no sequence id: not a pair"
+        )
+
+    width = nucleotide.width
+    data = np.empty((len(ids), width + protein.width), np.float32)
+    nucleotide.fill(data[:, :width], nucleotide_rows)
+    protein.fill(data[:, width:], protein_rows)
+    write_merged(output_file, ids, data, labels)
+    return MergeResult(
+        output=output_file,
+        rows=len(ids),
+        nucleotide_width=width,
+        protein_width=protein.width,
+        nucleotide_only=len(nucleotide_only),
+        protein_only=len(protein_only),
+        nucleotide_only_examples=tuple(nucleotide_only[:EXAMPLES]),
+        protein_only_examples=tuple(protein_only[:EXAMPLES]),
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,177 @@
+"""Planning: which file pairs there are, where their outputs go, which are done.
+
+Everything here is cheap and runs on the client before any work is scheduled:
+it lists folders and stats files, and never opens a tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from .formats import MERGED_SUFFIX, NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX, atomic_write, is_temporary
+
+RECORD_FOLDER = ".dask-merge"
+"""Where, inside the output folder, the checkpoint records live (one JSON per output)."""
+
+
+class Pair(NamedTuple):
+    """One unit of work: two input files and the output they make."""
+
+    name: str
+    nucleotide: str
+    protein: str
+    output: str
+
+
+@dataclass(frozen=True)
+class FoundPairs:
+    """What :func:`find_pairs` found: the pairs, and files without a partner."""
+
+    pairs: list[Pair]
+    unpaired: list[str]
+
+    def __iter__(self):
+        return iter(self.pairs)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+def _natural_key(name: str) -> list:
+    # output_2 before output_10, as a person would sort them.
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _stems(folder: str, suffix: str) -> dict[str, str]:
+    return {
+        entry.name[: -len(suffix)]: entry.path
+        for entry in os.scandir(folder)
+        if entry.name.endswith(suffix) and not entry.name.startswith(".")
+        and not is_temporary(entry.name) and entry.is_file()
+    }
+
+
+def find_pairs(
+    nucleotide_dir: str | os.PathLike[str],
+    protein_dir: str | os.PathLike[str] | None = None,
+    output_dir: str | os.PathLike[str] | None = None,
+) -> FoundPairs:
+    """Pair ``STEM_DNABERT_S.pt`` with ``STEM_ESM.pt`` by stem.
+
+    Never by sorted position: a missing file would shift every later pair.
+    Outputs are named ``output_dir/STEM_merged.pt``.
+
+    Parameters
+    ----------
+    nucleotide_dir
+        Folder of the DNABERT-S files.
+    protein_dir
+        Folder of the ESM-2 files; the nucleotide folder when omitted.
+    output_dir
+        Folder of the merged files; the nucleotide folder when omitted.
+
+    Raises
+    ------
+    FileNotFoundError
+        A folder does not exist (the message names it).
+    """
+    nucleotide_dir = os.fspath(nucleotide_dir)
+    protein_dir = os.fspath(protein_dir) if protein_dir is not None else nucleotide_dir
+    output_dir = os.fspath(output_dir) if output_dir is not None else nucleotide_dir
+    for folder in {nucleotide_dir, protein_dir}:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"input folder {folder} does not exist")
+    nucleotides = _stems(nucleotide_dir, NUCLEOTIDE_SUFFIX)
+    proteins = _stems(protein_dir, PROTEIN_SUFFIX)
+    pairs = [
+        Pair(stem, nucleotides[stem], proteins[stem],
+             os.path.join(output_dir, stem + MERGED_SUFFIX))
+        for stem in sorted(nucleotides.keys() & proteins.keys(), key=_natural_key)
+    ]
+    unpaired = sorted(
+        [path for stem, path in nucleotides.items() if stem not in proteins]
+        + [path for stem, path in proteins.items() if stem not in nucleotides]
+    )
+    return FoundPairs(pairs, unpaired)
+
+
+# --- checkpoints ------------------------------------------------------------------
+
+
+def fingerprint(path: str) -> dict[str, int]:
+    """What identifies a file's content without reading it: size and mtime_ns."""
+    stat = os.stat(path)
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def input_fingerprints(pair: Pair) -> dict[str, dict[str, int]]:
+    """Fingerprints of a pair's inputs; take them *before* merging.
+
+    Raises ``OSError`` naming the file when an input has gone.
+    """
+    return {"nucleotide": fingerprint(pair.nucleotide), "protein": fingerprint(pair.protein)}
+
+
+def record_path(output: str) -> str:
+    """The checkpoint record of an output file."""
+    folder, name = os.path.split(output)
+    return os.path.join(folder, RECORD_FOLDER, name + ".json")
+
+
+def write_checkpoint(
+    pair: Pair, inputs: dict[str, dict[str, int]], *, labels: list[int] | None, rows: int
+) -> None:
+    """Record, beside a freshly written output, what it was made from."""
+    record = {
+        "inputs": {side: {"path": getattr(pair, side), **fp} for side, fp in inputs.items()},
+        "labels": labels,
+        "output": fingerprint(pair.output),
+        "rows": rows,
+    }
+    path = record_path(pair.output)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
+
+
+class Checkpoint(NamedTuple):
+    """Whether a pair's output is done, and why."""
+
+    done: bool
+    reason: str
+
+
+def checkpoint_state(pair: Pair, *, labels: list[int] | None = None, force: bool = False) -> Checkpoint:
+    """Decide from file metadata alone whether ``pair`` needs merging.
+
+    Done when the output exists and its record says it was made from the
+    inputs as they are now (and with the same label).  An output without a
+    record, e.g. one that upstream wrote, counts as done too.
+    """
+    if force:
+        return Checkpoint(False, "forced")
+    try:
+        output = fingerprint(pair.output)
+    except FileNotFoundError:
+        return Checkpoint(False, "no output yet")
+    try:
+        with open(record_path(pair.output), "rb") as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return Checkpoint(True, "output exists (no record: made elsewhere)")
+    if record.get("output") != output:
+        return Checkpoint(True, "output exists (replaced since its record)")
+    try:
+        now = input_fingerprints(pair)
+    except OSError as err:
+        return Checkpoint(False, f"input unreadable: {err}")
+    for side in ("nucleotide", "protein"):
+        then = record.get("inputs", {}).get(side, {})
+        if {k: then.get(k) for k in now[side]} != now[side]:
+            return Checkpoint(False, f"{side} input changed since the merge")
+    if record.get("labels") != labels:
+        return Checkpoint(False, f"label changed ({record.get('labels')} -> {labels})")
+    return Checkpoint(True, "up to date")
