@@ -51,7 +51,7 @@ from .plan import (
 LOCAL_SCHEDULERS = ("processes", "threads", "sync")
 TASK_NAME = "merge-pair"  # what tasks are called on the dashboard
 TARGET_PARTITION_BYTES = 32 * 2**20  # batch tiny pairs up to about this much input
-CONNECT_TIMEOUT = "10s"
+CONNECT_TIMEOUT = "5s"
 
 
 class ConfigurationError(ValueError):
@@ -70,7 +70,8 @@ class Record:
     rows: int | None = None
     nucleotide_only: int | None = None
     protein_only: int | None = None
-    dropped_examples: list[str] = field(default_factory=list)
+    nucleotide_only_examples: list[str] = field(default_factory=list)
+    protein_only_examples: list[str] = field(default_factory=list)
     seconds: float | None = None
     error: str | None = None
     reason: str | None = None  # why a pair was skipped
@@ -99,7 +100,8 @@ def merge_one(pair: Pair, labels: list[int] | None) -> Record:
     return Record(
         pair.name, "merged", rows=result.rows,
         nucleotide_only=result.nucleotide_only, protein_only=result.protein_only,
-        dropped_examples=[*result.nucleotide_only_examples, *result.protein_only_examples],
+        nucleotide_only_examples=list(result.nucleotide_only_examples),
+        protein_only_examples=list(result.protein_only_examples),
         seconds=result.seconds, output=result.output,
     )
 
@@ -247,25 +249,34 @@ class Plan:
         workers = workers or os.cpu_count() or 1
         skipped = [Record(p.name, "skipped", reason=c.reason, output=p.output) for p, c in self.done]
         start = time.perf_counter()
-        for folder in {os.path.dirname(p.output) for p in self.pending}:
+        folders = {os.path.dirname(p.output) for p in self.pending}
+        for folder in folders:
             remove_stale_temporaries(folder)
         partitions = _partitions(self.pending, partition_size, workers)
         dashboard = None
-        if not partitions:
-            records = []
-        elif client is not None or scheduler_file or scheduler not in LOCAL_SCHEDULERS:
-            with _distributed_client(scheduler, scheduler_file, client, workers,
-                                     dashboard_address) as active:
-                dashboard = active.dashboard_link
-                if progress and dashboard:
-                    print(f"dask-merge: dashboard at {dashboard}", file=sys.stderr)
-                records = _run_distributed(active, partitions, self.labels, retries=retries,
-                                           progress=progress, performance_report=performance_report)
-        elif scheduler == "processes":
-            records = _run_processes(partitions, self.labels, workers=workers,
-                                     retries=retries, progress=progress)
-        else:
-            records = _run_local(partitions, self.labels, scheduler, workers, progress)
+        try:
+            if not partitions:
+                records = []
+            elif client is not None or scheduler_file or scheduler not in LOCAL_SCHEDULERS:
+                with _distributed_client(scheduler, scheduler_file, client, workers,
+                                         dashboard_address) as active:
+                    dashboard = active.dashboard_link
+                    if progress and dashboard:
+                        print(f"dask-merge: dashboard at {dashboard}", file=sys.stderr)
+                    records = _run_distributed(active, partitions, self.labels, retries=retries,
+                                               progress=progress,
+                                               performance_report=performance_report)
+            elif scheduler == "processes":
+                records = _run_processes(partitions, self.labels, workers=workers,
+                                         retries=retries, progress=progress)
+            else:
+                records = _run_local(partitions, self.labels, scheduler, workers, progress)
+        except KeyboardInterrupt:
+            # The pool or cluster is down by now; what its workers were
+            # writing is unlocked and can go at once.
+            for folder in folders:
+                remove_stale_temporaries(folder, min_age=0)
+            raise
         order = {p.name: i for i, p in enumerate(self.pending)}
         records.sort(key=lambda r: order[r.name])
         return Report(skipped + records, self.unpaired, time.perf_counter() - start,
@@ -472,6 +483,10 @@ def _compute_in_pool(partitions, labels, workers: int, progress: bool):
             bag.compute(scheduler="processes", pool=pool, chunksize=1)
     except BrokenProcessPool:
         broken = True
+    except BaseException:  # Ctrl-C: stop the children now, not after their pair
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        raise
     finally:
         pool.shutdown(wait=not broken, cancel_futures=True)
     return finished, started - finished.keys(), broken

@@ -9,7 +9,7 @@ loader: the model that :func:`dask_merge.merge_pair` must match bit for bit.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,23 +107,27 @@ def make_dataset(
     rows: int,
     seed: int = 0,
     protein_folder: str | os.PathLike[str] | None = None,
+    on_pair: Callable[[SamplePair], object] | None = None,
     **pair_options,
 ) -> list[SamplePair]:
     """Write ``pairs`` sample pairs named ``output_0`` ... into ``folder``.
 
     Like the pipeline's chunks: a few ids without an ORF on the nucleotide
     side and one orphan ORF on the protein side, unless overridden.
+    ``on_pair`` is called with each pair once written (for progress bars).
     """
     Path(folder).mkdir(parents=True, exist_ok=True)
     if protein_folder is not None:
         Path(protein_folder).mkdir(parents=True, exist_ok=True)
     pair_options.setdefault("nucleotide_only", max(1, rows // 50))
     pair_options.setdefault("protein_only", 1)
-    return [
-        make_pair(folder, f"output_{i}", rows=rows, seed=seed + i,
-                  protein_folder=protein_folder, **pair_options)
-        for i in range(pairs)
-    ]
+    made = []
+    for i in range(pairs):
+        made.append(make_pair(folder, f"output_{i}", rows=rows, seed=seed + i,
+                              protein_folder=protein_folder, **pair_options))
+        if on_pair is not None:
+            on_pair(made[-1])
+    return made
 
 
 def reference_merge(nucleotide_file, protein_file, *, label=None) -> dict:

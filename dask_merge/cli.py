@@ -1,0 +1,163 @@
+"""The ``dask-merge`` command.
+
+Exit status: 0 when nothing failed, 1 when at least one pair failed, 2 for bad
+usage or configuration (the message names the path or value at fault), 130
+when interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .engine import ConfigurationError, Report, plan
+
+EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
+
+
+def _fail(message: str) -> None:
+    click.echo(f"dask-merge: error: {message}", err=True)
+    sys.exit(EXIT_CONFIG)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dask-merge")
+def main() -> None:
+    """Merge VirNucPro DNABERT-S and ESM-2 feature files (Stage 7) with Dask."""
+
+
+@main.command("run")
+@click.option("--nucleotide-dir", required=True, type=click.Path(file_okay=False),
+              help="Folder of STEM_DNABERT_S.pt files.")
+@click.option("--protein-dir", type=click.Path(file_okay=False),
+              help="Folder of STEM_ESM.pt files [default: the nucleotide folder].")
+@click.option("--output-dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for STEM_merged.pt files (created if missing).")
+@click.option("--scheduler", default="processes", show_default=True,
+              help="processes | threads | sync | local | tcp://HOST:PORT of a running scheduler.")
+@click.option("--scheduler-file", type=click.Path(dir_okay=False),
+              help="Scheduler file of a running Dask cluster (dask-jobqueue, dask-mpi).")
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes [default: cores].")
+@click.option("--dashboard-address", default="127.0.0.1:8787", show_default=True,
+              help="Dashboard of --scheduler local (a free port if taken).")
+@click.option("--label", help="Training label stored in each output: viral | host | INT.")
+@click.option("--force", is_flag=True, help="Merge every pair again, checkpointed or not.")
+@click.option("--dry-run", is_flag=True, help="Print the plan; merge nothing.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Write the JSON report here.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (for scripts and CI logs).")
+@click.option("--retries", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Tries more for a pair whose worker died.")
+@click.option("--partition-size", type=click.IntRange(min=1),
+              help="Pairs per task [default: chosen from the pair sizes].")
+@click.option("--performance-report", type=click.Path(dir_okay=False),
+              help="On a cluster: write Dask's HTML performance report here.")
+def run_command(nucleotide_dir, protein_dir, output_dir, scheduler, scheduler_file, workers,
+                dashboard_address, label, force, dry_run, report_path, no_progress, retries,
+                partition_size, performance_report) -> None:
+    """Merge every pair of NUCLEOTIDE-DIR / PROTEIN-DIR into OUTPUT-DIR."""
+    if performance_report and scheduler in ("processes", "threads", "sync") and not scheduler_file:
+        _fail("--performance-report needs a cluster: --scheduler local, an address or --scheduler-file")
+    try:
+        the_plan = plan(nucleotide_dir, protein_dir, output_dir, label=label, force=force)
+    except ConfigurationError as err:
+        _fail(str(err))
+    _print_plan(the_plan, verbose=dry_run)
+    if dry_run:
+        return
+    started = time.perf_counter()
+    try:
+        report = the_plan.execute(
+            scheduler, workers=workers, scheduler_file=scheduler_file,
+            dashboard_address=dashboard_address, progress=not no_progress, retries=retries,
+            partition_size=partition_size, performance_report=performance_report,
+        )
+    except ConfigurationError as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _interrupted(nucleotide_dir, protein_dir, output_dir, label, started)
+    _finish(report, output_dir, report_path)
+
+
+def _print_plan(the_plan, *, verbose: bool) -> None:
+    click.echo(f"dask-merge: {len(the_plan.pending)} pairs to merge, {len(the_plan.done)} "
+               f"checkpointed, {len(the_plan.unpaired)} files without a partner", err=True)
+    if verbose:
+        for pair in the_plan.pending:
+            click.echo(f"pending       {pair.name}")
+        for pair, state in the_plan.done:
+            click.echo(f"checkpointed  {pair.name}  ({state.reason})")
+        for path in the_plan.unpaired:
+            click.echo(f"no partner    {path}")
+
+
+def _interrupted(nucleotide_dir, protein_dir, output_dir, label, started) -> None:
+    # Workers are stopped and temporaries removed by the engine; tell what is done.
+    after = plan(nucleotide_dir, protein_dir, output_dir, label=label)
+    click.echo(f"\ndask-merge: interrupted after {time.perf_counter() - started:.1f} s; "
+               f"{len(after.done)} pairs are done, {len(after.pending)} left. "
+               "Run the same command again to resume.", err=True)
+    sys.exit(EXIT_INTERRUPTED)
+
+
+def _finish(report: Report, output_dir: str, report_path: str | None) -> None:
+    if report_path:
+        report.to_json(report_path)
+    click.echo(report.summary(), err=True)
+    click.echo(f"outputs in {os.path.abspath(output_dir)}"
+               + (f"; report in {report_path}" if report_path else ""), err=True)
+    sys.exit(0 if report.ok else EXIT_FAILED)
+
+
+@main.command()
+@click.option("--dir", "folder", required=True, type=click.Path(file_okay=False),
+              help="Folder to write the pairs into (created if missing).")
+@click.option("--pairs", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--rows", default=1000, show_default=True, type=click.IntRange(min=0))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--nucleotide-width", default=768, show_default=True, type=click.IntRange(min=1))
+@click.option("--protein-width", default=2560, show_default=True, type=click.IntRange(min=1))
+def sample(folder, pairs, rows, seed, nucleotide_width, protein_width) -> None:
+    """Write realistic synthetic pairs in the upstream formats.
+
+    Protein ids come in another order than nucleotide ids, a few ids are on
+    one side only, and widths are DNABERT-S's and ESM-2 3B's by default.
+    """
+    _write_sample(folder, pairs, rows, seed, nucleotide_width=nucleotide_width,
+                  protein_width=protein_width)
+
+
+def _write_sample(folder, pairs, rows, seed, **widths) -> None:
+    from .testing import make_dataset
+
+    with click.progressbar(length=pairs, label=f"writing {pairs} sample pairs",
+                           file=sys.stderr) as bar:
+        make_dataset(folder, pairs=pairs, rows=rows, seed=seed,
+                     on_pair=lambda pair: bar.update(1), **widths)
+
+
+@main.command()
+@click.option("--dir", "folder", default="dask-merge-demo", show_default=True,
+              type=click.Path(file_okay=False), help="Where the sample data and outputs go.")
+@click.option("--pairs", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--rows", default=1000, show_default=True, type=click.IntRange(min=1))
+def demo(folder, pairs, rows) -> None:
+    """Make a sample data set and merge it on the processes scheduler."""
+    inputs, outputs = Path(folder) / "features", Path(folder) / "merged"
+    if not any(inputs.glob("*_ESM.pt")):
+        _write_sample(inputs, pairs, rows, seed=0)
+    the_plan = plan(inputs, None, outputs, label="viral")
+    _print_plan(the_plan, verbose=False)
+    report = the_plan.execute("processes")
+    report.to_json(str(Path(folder) / "report.json"))
+    click.echo(report.summary(), err=True)
+    click.echo(
+        f"\nInputs in {inputs}/, merged files in {outputs}/, the JSON report in "
+        f"{Path(folder) / 'report.json'}.\nRun the demo again: every pair is skipped "
+        "(checkpointed). Try also: dask-merge run --scheduler local "
+        f"--nucleotide-dir {inputs} --output-dir {outputs} --force", err=True)
+    sys.exit(0 if report.ok else EXIT_FAILED)
