@@ -1,0 +1,179 @@
+"""The engine: planning, the checkpoint filter, records, every scheduler."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+
+import pytest
+import torch
+
+import dask_merge
+from dask_merge.engine import TASK_NAME, Record, _bag, _partitions
+from dask_merge.plan import Pair
+from dask_merge.testing import make_dataset, make_pair, reference_merge
+
+
+def merged_outputs(folder) -> dict[str, dict]:
+    return {p.name: torch.load(p) for p in sorted(folder.glob("*_merged.pt"))}
+
+
+def assert_matches_reference(dataset, output_dir, label=None):
+    outputs = merged_outputs(output_dir)
+    assert outputs, "no output written"
+    for name, merged in outputs.items():
+        stem = name.removesuffix("_merged.pt")
+        expected = reference_merge(dataset / f"{stem}_DNABERT_S.pt", dataset / f"{stem}_ESM.pt",
+                                   label=label)
+        assert merged["ids"] == expected["ids"]
+        assert torch.equal(merged["data"], expected["data"])
+        assert merged.get("labels") == expected.get("labels")
+
+
+def test_sync_run_merges_every_pair_like_the_reference(dataset, tmp_path):
+    report = dask_merge.run(dataset, output_dir=tmp_path / "out", scheduler="sync",
+                            label="host", progress=False)
+    assert report.counts == {"merged": 6, "skipped": 0, "failed": 0}
+    assert [r.name for r in report.records] == [f"output_{i}" for i in range(6)]
+    assert all(r.rows == 20 and r.nucleotide_only == 1 and r.protein_only == 1
+               for r in report.records)
+    assert report.records[0].nucleotide_only_examples == ["output_0_no_orf_0"]
+    assert_matches_reference(dataset, tmp_path / "out", label="host")
+
+
+@pytest.mark.parametrize("scheduler", ["sync", "threads", "processes", "local"])
+def test_every_scheduler_gives_identical_outputs(dataset, tmp_path, scheduler):
+    reference = tmp_path / "reference"
+    dask_merge.run(dataset, output_dir=reference, scheduler="sync", progress=False)
+    report = dask_merge.run(dataset, output_dir=tmp_path / scheduler, scheduler=scheduler,
+                            workers=2, progress=False, dashboard_address="127.0.0.1:0")
+    assert report.ok and report.counts["merged"] == 6
+    ours, theirs = merged_outputs(tmp_path / scheduler), merged_outputs(reference)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name]["ids"] == theirs[name]["ids"]
+        assert torch.equal(ours[name]["data"], theirs[name]["data"])
+
+
+def test_rerun_skips_everything_and_skipped_pairs_never_reach_a_worker(dataset, tmp_path):
+    out = tmp_path / "out"
+    dask_merge.run(dataset, output_dir=out, scheduler="sync", progress=False)
+    again = dask_merge.plan(dataset, output_dir=out)
+    assert again.pending == [] and len(again.done) == 6
+    report = again.execute("processes", progress=False)
+    assert report.counts == {"merged": 0, "skipped": 6, "failed": 0}
+    assert {r.reason for r in report.records} == {"up to date"}
+
+
+def test_resume_redoes_only_a_deleted_output_and_a_regenerated_input(dataset, tmp_path):
+    out = tmp_path / "out"
+    dask_merge.run(dataset, output_dir=out, scheduler="sync", progress=False)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*_merged.pt")}
+    (out / "output_1_merged.pt").unlink()
+    make_pair(dataset, "output_4", rows=20, nucleotide_width=12, protein_width=20, seed=99)
+
+    report = dask_merge.run(dataset, output_dir=out, scheduler="sync", progress=False)
+    merged = {r.name for r in report.records if r.status == "merged"}
+    assert merged == {"output_1", "output_4"}
+    assert report.counts["skipped"] == 4
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*_merged.pt")}
+    untouched = set(before) - {"output_1_merged.pt", "output_4_merged.pt"}
+    assert all(after[name] == before[name] for name in untouched)
+    assert_matches_reference(dataset, out)
+
+
+def test_force_and_a_changed_label_redo_pairs(dataset, tmp_path):
+    out = tmp_path / "out"
+    dask_merge.run(dataset, output_dir=out, scheduler="sync", progress=False)
+    relabelled = dask_merge.plan(dataset, output_dir=out, label="viral")
+    assert len(relabelled.pending) == 6
+    state = dask_merge.checkpoint_state(relabelled.pending[0], labels=[1])
+    assert not state.done and "label changed" in state.reason
+    assert relabelled.execute("sync", progress=False).counts["merged"] == 6
+    assert torch.load(out / "output_0_merged.pt")["labels"] == [1]
+    forced = dask_merge.plan(dataset, output_dir=out, label="viral", force=True)
+    assert len(forced.pending) == 6
+
+
+def test_bad_pairs_fail_alone_with_the_kernel_message(tmp_path):
+    features = tmp_path / "features"
+    make_dataset(features, pairs=8, rows=10, nucleotide_width=4, protein_width=6)
+    truncated = features / "output_8_ESM.pt"
+    make_pair(features, "output_8", rows=10, nucleotide_width=4, protein_width=6)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    make_pair(features, "output_9", rows=5, nucleotide_width=4, protein_width=6)
+    other = make_pair(tmp_path, "other", rows=5, nucleotide_width=4, protein_width=6)
+    shutil.copy(other.protein, features / "output_9_ESM.pt")  # ids from another chunk
+
+    report = dask_merge.run(features, output_dir=tmp_path / "out", scheduler="processes",
+                            workers=2, progress=False)
+    assert report.counts == {"merged": 8, "skipped": 0, "failed": 2}
+    failed = {r.name: r.error for r in report.failures}
+    assert str(truncated) in failed["output_8"]
+    assert "share no sequence id" in failed["output_9"]
+    assert len(list((tmp_path / "out").glob("*_merged.pt"))) == 8
+    assert not (tmp_path / "out" / "output_8_merged.pt").exists()
+
+
+def _holds_only_small_plain_values(value) -> bool:
+    if isinstance(value, (str, int, float, type(None))):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_holds_only_small_plain_values(v) for v in value)
+    if isinstance(value, dict):
+        return all(_holds_only_small_plain_values(v) for v in value.values())
+    return False
+
+
+def test_the_client_receives_small_records_not_tensors(tmp_path):
+    features = tmp_path / "features"
+    make_dataset(features, pairs=3, rows=300)  # real widths: 3 MB of floats per pair
+    report = dask_merge.run(features, output_dir=tmp_path / "out", scheduler="processes",
+                            workers=2, progress=False)
+    assert report.ok
+    for record in report.records:
+        assert type(record) is Record
+        assert _holds_only_small_plain_values(record.to_dict())
+        assert len(pickle.dumps(record)) < 2_000
+
+
+def test_tasks_are_named_for_the_dashboard_and_tiny_pairs_are_batched(tmp_path):
+    pair = make_pair(tmp_path, "tiny", rows=2, nucleotide_width=2, protein_width=2)
+    tiny = [Pair(f"p{i}", str(pair.nucleotide), str(pair.protein), f"o{i}") for i in range(400)]
+    batches = _partitions(tiny, None, workers=2)
+    assert len(batches) == 8 and sum(map(len, batches)) == 400  # four tasks per worker
+    assert [p for part in batches for p in part] == tiny
+    big = make_pair(tmp_path, "big", rows=2000)  # ~22 MB of input
+    pairs = [Pair(f"b{i}", str(big.nucleotide), str(big.protein), f"o{i}") for i in range(40)]
+    assert {len(part) for part in _partitions(pairs, None, workers=2)} == {1}
+    assert _partitions(tiny, 7, workers=2)[0] == tiny[:7]
+
+    bag = _bag(batches, None)
+    assert all(str(key[0]).startswith(f"{TASK_NAME}-") for key in bag.__dask_keys__())
+
+
+def test_configuration_errors_name_the_path(tmp_path):
+    with pytest.raises(dask_merge.ConfigurationError, match="nope"):
+        dask_merge.plan(tmp_path / "nope", output_dir=tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(dask_merge.ConfigurationError, match="no pairs found"):
+        dask_merge.plan(tmp_path / "empty", output_dir=tmp_path / "out")
+    make_pair(tmp_path / "empty", "x", rows=1, nucleotide_width=1, protein_width=1)
+    with pytest.raises(dask_merge.ConfigurationError, match="'martian'"):
+        dask_merge.plan(tmp_path / "empty", output_dir=tmp_path / "out", label="martian")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(dask_merge.ConfigurationError, match=str(blocker)):
+        dask_merge.plan(tmp_path / "empty", output_dir=blocker / "out")
+
+
+def test_unpaired_files_are_reported_and_protein_folder_may_differ(tmp_path):
+    make_dataset(tmp_path / "nuc", pairs=3, rows=4, nucleotide_width=3, protein_width=5,
+                 protein_folder=tmp_path / "prot")
+    os.remove(tmp_path / "prot" / "output_1_ESM.pt")
+    report = dask_merge.run(tmp_path / "nuc", tmp_path / "prot", tmp_path / "out",
+                            scheduler="sync", progress=False)
+    assert [r.name for r in report.records] == ["output_0", "output_2"]
+    assert report.unpaired == [str(tmp_path / "nuc" / "output_1_DNABERT_S.pt")]
+    assert report.to_dict()["unpaired"] == report.unpaired
