@@ -1,0 +1,186 @@
+"""Distributed runs: a real cluster of `dask scheduler` / `dask worker` processes
+on 127.0.0.1, and the LocalCluster the tool starts itself, watched over HTTP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+import dask_merge
+from dask_merge.testing import make_dataset
+
+pytestmark = pytest.mark.cluster
+
+
+def _dask(*args: str, log: Path, prefix: list[str] = ()) -> subprocess.Popen:
+    dask = shutil.which("dask") or "dask"
+    return subprocess.Popen([*prefix, dask, *args], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _stop(*processes: subprocess.Popen) -> None:
+    for process in processes:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _start_cluster(folder: Path, workers: int = 2, worker_prefix: list[str] = ()):
+    scheduler_file = folder / "scheduler.json"
+    scheduler = _dask("scheduler", "--host", "127.0.0.1", "--port", "0", "--dashboard-address",
+                      "127.0.0.1:0", "--scheduler-file", str(scheduler_file),
+                      log=folder / "scheduler.log")
+    deadline = time.monotonic() + 60
+    while not scheduler_file.exists():
+        assert scheduler.poll() is None, (folder / "scheduler.log").read_text()
+        assert time.monotonic() < deadline, "the scheduler did not start"
+        time.sleep(0.1)
+    worker = _dask("worker", "--scheduler-file", str(scheduler_file), "--nworkers", str(workers),
+                   "--nthreads", "1", "--host", "127.0.0.1", "--no-dashboard",
+                   log=folder / "worker.log", prefix=worker_prefix)
+    from distributed import Client
+
+    with Client(scheduler_file=str(scheduler_file), timeout="30s") as client:
+        client.wait_for_workers(workers, timeout=90)
+        address = client.scheduler.address
+    return scheduler, worker, scheduler_file, address
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cluster")
+    scheduler, worker, scheduler_file, address = _start_cluster(folder)
+    yield address, scheduler_file
+    _stop(worker, scheduler)
+
+
+def _outputs(folder: Path) -> dict[str, dict]:
+    return {p.name: torch.load(p) for p in sorted(folder.glob("*_merged.pt"))}
+
+
+def _assert_same(left: Path, right: Path) -> None:
+    ours, theirs = _outputs(left), _outputs(right)
+    assert ours and ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name]["ids"] == theirs[name]["ids"]
+        assert torch.equal(ours[name]["data"], theirs[name]["data"])
+
+
+def test_existing_cluster_by_address_and_by_scheduler_file(cluster, dataset, tmp_path):
+    address, scheduler_file = cluster
+    dask_merge.run(dataset, output_dir=tmp_path / "sync", scheduler="sync", progress=False)
+
+    by_address = dask_merge.run(dataset, output_dir=tmp_path / "address", scheduler=address,
+                                progress=False)
+    assert by_address.counts == {"merged": 6, "skipped": 0, "failed": 0}
+    _assert_same(tmp_path / "address", tmp_path / "sync")
+
+    report_file = tmp_path / "performance.html"
+    by_file = dask_merge.run(dataset, output_dir=tmp_path / "file", scheduler_file=scheduler_file,
+                             progress=False, performance_report=str(report_file))
+    assert by_file.ok and by_file.counts["merged"] == 6
+    _assert_same(tmp_path / "file", tmp_path / "sync")
+    assert "merge-pair" in report_file.read_text()
+
+
+def test_cluster_run_from_the_command_line(cluster, dataset, tmp_path):
+    address, _ = cluster
+    done = subprocess.run(
+        [sys.executable, "-m", "dask_merge", "run", "--nucleotide-dir", str(dataset),
+         "--output-dir", str(tmp_path / "out"), "--scheduler", address, "--no-progress",
+         "--report", str(tmp_path / "report.json")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "merged 6, skipped 0, failed 0" in done.stderr
+
+
+def test_unreachable_scheduler_fails_within_seconds(dataset, tmp_path):
+    with socket.socket() as probe:  # a port with nobody listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.monotonic()
+    with pytest.raises(dask_merge.ConfigurationError, match=f"127.0.0.1:{port}"):
+        dask_merge.run(dataset, output_dir=tmp_path / "out", scheduler=f"tcp://127.0.0.1:{port}",
+                       progress=False)
+    assert time.monotonic() - started < 20
+    assert not list((tmp_path / "out").glob("*_merged.pt"))
+
+
+def test_workers_that_cannot_see_the_inputs_are_reported(dataset, tmp_path):
+    """A worker in its own mount namespace, where the data folder is an empty tmpfs."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare to give a worker its own view of the file system")
+    hide = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c",
+            f'mount -t tmpfs tmpfs "{dataset}" && exec "$0" "$@"']
+    scheduler, worker, _, address = _start_cluster(tmp_path, workers=1, worker_prefix=hide)
+    try:
+        with pytest.raises(dask_merge.ConfigurationError, match="workers must see the same paths"):
+            dask_merge.run(dataset, output_dir=tmp_path / "out", scheduler=address, progress=False)
+    finally:
+        _stop(worker, scheduler)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_local_cluster_dashboard_shows_merge_tasks_over_http(tmp_path):
+    features = tmp_path / "features"
+    make_dataset(features, pairs=16, rows=1500)
+    port = _free_port()
+    result = {}
+    runner = threading.Thread(target=lambda: result.update(report=dask_merge.run(
+        features, output_dir=tmp_path / "out", scheduler="local", workers=2, progress=False,
+        dashboard_address=f"127.0.0.1:{port}")))
+    runner.start()
+    seen, listening = "", set()
+    deadline = time.monotonic() + 120
+    while runner.is_alive() and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as reply:
+                metrics = reply.read().decode()
+            listening |= {c.laddr.ip for c in psutil.net_connections("tcp")
+                          if c.status == "LISTEN" and c.laddr.port == port}
+        except OSError:
+            time.sleep(0.05)
+            continue
+        if 'task_prefix_name="merge-pair"' in metrics:
+            seen = metrics
+            break
+        time.sleep(0.05)
+    runner.join(timeout=180)
+    assert 'task_prefix_name="merge-pair"' in seen, "the dashboard never showed merge-pair tasks"
+    assert listening == {"127.0.0.1"}, f"dashboard listens on {listening}"
+    report = result["report"]
+    assert report.counts["merged"] == 16 and report.dashboard.startswith(f"http://127.0.0.1:{port}")
+
+
+def test_local_cluster_takes_a_free_port_when_the_dashboard_port_is_taken(dataset, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        report = dask_merge.run(dataset, output_dir=tmp_path / "out", scheduler="local",
+                                workers=1, progress=False, dashboard_address=f"127.0.0.1:{port}")
+    assert report.ok and report.counts["merged"] == 6
+    assert report.dashboard and f":{port}/" not in report.dashboard
