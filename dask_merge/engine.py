@@ -259,7 +259,7 @@ class Plan:
                 records = []
             elif client is not None or scheduler_file or scheduler not in LOCAL_SCHEDULERS:
                 with _distributed_client(scheduler, scheduler_file, client, workers,
-                                         dashboard_address) as active:
+                                         dashboard_address, retries) as active:
                     dashboard = active.dashboard_link
                     if progress and dashboard:
                         print(f"dask-merge: dashboard at {dashboard}", file=sys.stderr)
@@ -496,15 +496,19 @@ def _compute_in_pool(partitions, labels, workers: int, progress: bool):
 
 
 @contextlib.contextmanager
-def _distributed_client(scheduler, scheduler_file, client, workers, dashboard_address) -> Iterator:
+def _distributed_client(scheduler, scheduler_file, client, workers, dashboard_address,
+                        retries) -> Iterator:
     from distributed import Client, LocalCluster
 
     if client is not None:
         yield client
         return
     if scheduler == "local" and not scheduler_file:
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                          host="127.0.0.1", dashboard_address=dashboard_address) as cluster, \
+        # A task whose worker dies is tried again on another, `retries` times
+        # (on an existing cluster, its own allowed-failures setting rules).
+        with dask.config.set({"distributed.scheduler.allowed-failures": retries}), \
+                LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                             host="127.0.0.1", dashboard_address=dashboard_address) as cluster, \
                 Client(cluster) as local:
             yield local
         return
