@@ -23,7 +23,9 @@ which :func:`torch.load` turns into Python floats one by one.
 from __future__ import annotations
 
 import io
+import math
 import os
+import reprlib
 import struct
 import zipfile
 from collections.abc import Mapping
@@ -53,6 +55,14 @@ _STORAGE_NAMES = {dtype: name for name, dtype in STORAGE_DTYPES.items()}
 
 # Longest integer (LONG1/LONG4 payload, bytes) and string accepted in a pickle.
 _MAX_LONG_BYTES = 64
+# Largest stride (in items) a tensor may declare: keeps byte strides in 64 bits.
+_MAX_STRIDE = 2**52
+
+# repr() of what a hostile pickle built may recurse too deep or run long:
+# error messages show values through this bounded repr instead.
+_short = reprlib.Repr()
+_short.maxlevel, _short.maxstring, _short.maxother = 3, 80, 80
+short_repr = _short.repr
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +130,7 @@ class TorchArchive:
         self.path = path
         self._records = self._index_records()
         self.pickle_offset, self.pickle_size = self._record("data.pkl")
+        self._check_byteorder()
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> TorchArchive:
@@ -170,6 +181,18 @@ class TorchArchive:
             raise self._fail(f"record {info.filename!r} runs past the end of the file (truncated?)")
         return start, info.file_size
 
+    def _check_byteorder(self) -> None:
+        # torch.save records sys.byteorder (files without the record are
+        # little-endian); storages hold native bytes.  Reading big-endian
+        # storages as little-endian would give garbage values silently.
+        start, size = self._records.get("byteorder", (0, 0))
+        order = self.buffer[start : start + size] if size else b"little"
+        if order != b"little":
+            raise self._fail(
+                f"its storages are in {order[:20].decode('ascii', 'replace')!r} byte order "
+                "(saved on a big-endian machine); only little-endian files are supported"
+            )
+
     def _record(self, name: str) -> tuple[int, int]:
         try:
             return self._records[name]
@@ -183,7 +206,7 @@ class TorchArchive:
     def storage_ref(self, key: object, dtype: np.dtype, numel: object) -> StorageRef:
         """Check a persistent id's storage against the archive's records."""
         if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
-            raise self._fail(f"storage id {key!r} with {numel!r} items is malformed")
+            raise self._fail(f"storage id {short_repr(key)} with {short_repr(numel)} items is malformed")
         _, size = self._records.get(f"data/{key}", (0, None))
         if size is None:
             raise self._fail(f"the pickle points at storage {key!r}, which the archive does not hold")
@@ -287,7 +310,12 @@ class _Unpickler:
                     memo[data[pos]] = stack[-1]
                     pos += 1
                 elif op == 0x72:  # LONG_BINPUT
-                    memo[unpack_from("<I", data, pos)[0]] = stack[-1]
+                    index = unpack_from("<I", data, pos)[0]
+                    # A pickler numbers memo entries 0, 1, 2, ...; a far index
+                    # is forged (CPython's unpickler would allocate for it).
+                    if index > len(memo):
+                        raise self._refuse(pos, f"memo index {index} after {len(memo)} memo entries")
+                    memo[index] = stack[-1]
                     pos += 4
                 elif op == 0x68:  # BINGET
                     stack.append(memo[data[pos]])
@@ -443,12 +471,12 @@ class _Unpickler:
 
     def _persistent(self, pos: int, pid: object) -> StorageRef:
         if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage"):
-            raise self._refuse(pos, f"persistent id {pid!r:.200}")
+            raise self._refuse(pos, f"persistent id {short_repr(pid)}")
         _, storage_type, key, location, numel = pid
         if type(storage_type) is not _Global or storage_type.name not in STORAGE_DTYPES:
-            raise self._refuse(pos, f"storage type {storage_type!r:.200}")
+            raise self._refuse(pos, f"storage type {short_repr(storage_type)}")
         if type(location) is not str:
-            raise self._broken(pos, f"storage location {location!r:.200}")
+            raise self._broken(pos, f"storage location {short_repr(location)}")
         return self.archive.storage_ref(key, STORAGE_DTYPES[storage_type.name], numel)
 
     def _reduce(self, pos: int, func: object, args: object) -> object:
@@ -458,15 +486,22 @@ class _Unpickler:
             return self._tensor(pos, *args[:6])
         if func is _ORDERED_DICT and args == ():
             return {}
-        raise self._refuse(pos, f"a call of {func!r:.200} with {len(args)} arguments")
+        raise self._refuse(pos, f"a call of {short_repr(func)} with {len(args)} arguments")
 
     def _tensor(self, pos, storage, offset, shape, stride, requires_grad, hooks) -> TensorRef:
         ints = type(shape) is tuple and type(stride) is tuple and {*map(type, shape + stride)} <= {int}
         if not (type(storage) is StorageRef and type(offset) is int and ints
                 and len(shape) == len(stride) and type(requires_grad) is bool and hooks == {}):
             raise self._broken(pos, "tensor with malformed arguments")
-        if offset < 0 or any(i < 0 for i in shape + stride):
-            raise self._broken(pos, f"tensor with negative offset, size or stride {shape}")
+        if offset < 0 or any(i < 0 for i in shape + stride) or any(t > _MAX_STRIDE for t in stride):
+            raise self._broken(pos, f"tensor with negative offset, size or stride, or absurd stride {stride}")
+        # More items than the storage holds means overlapping (expanded)
+        # views: never in a feature file, and a forged size (2**40 items
+        # with stride 0) would make a merge allocate terabytes.
+        if math.prod(shape) > storage.numel:
+            raise self._broken(
+                pos, f"tensor of size {shape} has more items than its storage of {storage.numel}"
+            )
         # The furthest item the view reaches must lie inside its storage.
         if 0 not in shape and offset + sum((s - 1) * t for s, t in zip(shape, stride)) >= storage.numel:
             raise self._broken(
@@ -520,7 +555,8 @@ def _pickle_value(value: object, arrays: list[np.ndarray]) -> bytes:
         ) + b"u"
     if value.dtype not in _STORAGE_NAMES:
         raise TypeError(f"cannot write an array of {value.dtype} into a feature file")
-    arrays.append(np.ascontiguousarray(value))
+    # Not np.ascontiguousarray: it turns a 0-d array into a 1-d one.
+    arrays.append(value if value.flags.c_contiguous else value.copy(order="C"))
     return _pickle_tensor(str(len(arrays) - 1), arrays[-1])
 
 
@@ -565,7 +601,8 @@ def write_archive(file: BinaryIO, obj: Mapping[str, object], *, name: str = "arc
     ]
     with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
         for record, payload in records:
-            view = memoryview(payload).cast("B")
+            # Flat bytes; memoryview.cast refuses arrays with a zero in their shape.
+            view = memoryview(payload.reshape(-1).view(np.uint8) if isinstance(payload, np.ndarray) else payload)
             info = _aligned_info(zf, f"{name}/{record}", view.nbytes)
             with zf.open(info, "w") as out:
                 out.write(view)

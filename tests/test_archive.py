@@ -1,0 +1,188 @@
+"""The torch-archive reader and writer, checked against torch itself."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from dask_merge.archive import FloatRun, TensorRef, TorchArchive, write_archive
+from dask_merge.errors import FileFormatError
+
+DTYPES = [np.float32, np.float64, np.float16, np.int64, np.int32, np.int16, np.int8, np.uint8, np.bool_]
+
+
+def _sample(dtype, shape, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    values = rng.standard_normal(shape) * 100
+    if dtype is np.bool_:
+        return values > 0
+    return values.astype(dtype)
+
+
+def _write(path, obj, **kwargs) -> None:
+    with open(path, "wb") as f:
+        write_archive(f, obj, **kwargs)
+
+
+def _to_numpy(value):
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if isinstance(value, TensorRef):
+        raise AssertionError("resolve TensorRefs with TorchArchive.array")
+    return value
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_write_archive_round_trip_through_torch_load(tmp_path, mmap):
+    arrays = {f"a_{np.dtype(d).name}": _sample(d, (3, 5), seed=i) for i, d in enumerate(DTYPES)}
+    obj = {
+        "ids": ["plain", "ünïcödé", "🧬" * 3, "x" * 5000, ""],
+        "ints": [0, -1, 2**31 - 1, -(2**31), 2**31, -(2**40), 2**62],
+        "nested": {"inner": [["a", 1], []], "empty": {}},
+        "empty_rows": np.empty((0, 7), np.float32),
+        "empty_square": np.empty((0, 0), np.float32),
+        "one": np.array([1.5], np.float32),
+        "scalar": np.array(2.5, np.float64),
+        "wide": np.arange(3 * 1000, dtype=np.float32).reshape(3, 1000),
+        **arrays,
+    }
+    path = tmp_path / "round_trip.pt"
+    _write(path, obj, name="round_trip")
+    loaded = torch.load(path, mmap=mmap)  # weights_only=True is the default
+    assert set(loaded) == set(obj)
+    for key, value in obj.items():
+        if isinstance(value, np.ndarray):
+            got = loaded[key]
+            assert isinstance(got, torch.Tensor), key
+            assert tuple(got.shape) == value.shape, key
+            assert got.numpy().dtype == value.dtype, key
+            np.testing.assert_array_equal(got.numpy(), value, err_msg=key)
+            assert got.is_contiguous(), key
+        else:
+            assert loaded[key] == value, key
+
+
+def test_write_archive_storages_are_aligned_for_mmap(tmp_path):
+    path = tmp_path / "aligned.pt"
+    _write(path, {"a": np.ones(3, np.float32), "b": np.ones(5, np.float64), "ids": ["q" * 7]})
+    raw = path.read_bytes()
+    archive = TorchArchive(raw, str(path))
+    for key in ("0", "1"):
+        assert archive.record_offset(key) % 64 == 0
+
+
+def test_write_archive_reads_back_with_our_reader(tmp_path):
+    data = _sample(np.float32, (4, 6))
+    buffer = io.BytesIO()
+    write_archive(buffer, {"ids": ["a", "b", "c", "d"], "data": data, "labels": [1]})
+    archive = TorchArchive(buffer.getvalue(), "<memory>")
+    loaded = archive.load()
+    assert loaded["ids"] == ["a", "b", "c", "d"]
+    assert loaded["labels"] == [1]
+    np.testing.assert_array_equal(archive.array(loaded["data"]), data)
+
+
+def test_write_archive_refuses_what_torch_load_would_refuse():
+    for bad in ({"x": 1.5}, {"x": object()}, {"x": True}, {"x": np.zeros(2, np.complex64)}):
+        with pytest.raises(TypeError):
+            write_archive(io.BytesIO(), bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.int64,
+                                   torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool])
+def test_reader_matches_torch_load_for_dtypes_and_views(tmp_path, dtype):
+    base = torch.arange(60).reshape(6, 10)
+    base = (base % 2 == 0) if dtype is torch.bool else (base * 3 - 70).to(dtype)
+    saved = {
+        "contiguous": base,
+        "transposed": base.t(),
+        "offset_slice": base[2:5, 3:9],
+        "strided": base[::2, 1::3],
+        "row_of_shared": [base[1], base[4]],
+        "empty": base[:0],
+        "scalar": base[3, 3].clone(),
+    }
+    path = tmp_path / "views.pt"
+    torch.save(saved, path)
+    expected = torch.load(path)
+    archive = TorchArchive.open(path)
+    loaded = archive.load()
+    for key in ("contiguous", "transposed", "offset_slice", "strided", "empty", "scalar"):
+        ref = loaded[key]
+        assert isinstance(ref, TensorRef), key
+        got = archive.array(ref)
+        assert got.shape == tuple(expected[key].shape), key
+        np.testing.assert_array_equal(got, expected[key].numpy(), err_msg=key)
+        assert not got.flags.writeable
+    assert loaded["offset_slice"].offset == 2 * 10 + 3
+    assert loaded["transposed"].stride == (1, 10)
+    # Views of one storage share one record, as in torch.
+    rows = loaded["row_of_shared"]
+    assert rows[0].storage == rows[1].storage
+    for ref, tensor in zip(rows, expected["row_of_shared"]):
+        np.testing.assert_array_equal(archive.array(ref), tensor.numpy())
+
+
+def test_reader_gives_float_runs_for_lists_of_floats(tmp_path):
+    values = [0.1 * i for i in range(300)]
+    path = tmp_path / "floats.pt"
+    torch.save({"v": values, "short": [1.5], "mixed": [1, 2.5, "x"]}, path)
+    archive = TorchArchive.open(path)
+    loaded = archive.load()
+    assert len(loaded["v"]) == 1 and isinstance(loaded["v"][0], FloatRun)
+    np.testing.assert_array_equal(archive.floats(loaded["v"][0]), np.array(values))
+    assert loaded["short"] == [1.5]
+    assert loaded["mixed"] == [1, 2.5, "x"]
+
+
+@pytest.mark.parametrize("make", [
+    lambda raw: b"",
+    lambda raw: raw[: len(raw) // 2],
+    lambda raw: raw[:-30],
+    lambda raw: b"just some text\n" * 20,
+    lambda raw: np.random.default_rng(1).bytes(4000),
+], ids=["empty", "half", "tail_cut", "text", "random"])
+def test_reader_rejects_non_archives(tmp_path, make):
+    good = tmp_path / "good.pt"
+    torch.save({"x": torch.ones(100)}, good)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(make(good.read_bytes()))
+    with pytest.raises(FileFormatError, match=str(bad)):
+        TorchArchive.open(bad).load()
+
+
+def test_reader_rejects_compressed_records(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"x": torch.ones(100)}, good)
+    bad = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    with pytest.raises(FileFormatError, match="compressed"):
+        TorchArchive.open(bad)
+
+
+def test_reader_refuses_big_endian_archives(tmp_path):
+    # torch.save records the byte order; a file written on a big-endian
+    # machine must not be read as if it were little-endian.
+    good = tmp_path / "good.pt"
+    torch.save({"x": torch.arange(4, dtype=torch.float32)}, good)
+    bad = tmp_path / "big.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bad, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            payload = src.read(info.filename)
+            if info.filename.endswith("/byteorder"):
+                payload = b"big"
+            elif "/data/" in info.filename:
+                payload = np.frombuffer(payload, "<f4").astype(">f4").tobytes()
+            dst.writestr(info.filename, payload)
+    # torch itself reads it correctly ...
+    assert torch.equal(torch.load(bad)["x"], torch.arange(4, dtype=torch.float32))
+    # ... so we must either do the same or refuse it; we refuse, clearly.
+    with pytest.raises(FileFormatError, match="big"):
+        archive = TorchArchive.open(bad)
+        archive.array(archive.load()["x"])
