@@ -28,7 +28,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .archive import FloatRun, TensorRef, TorchArchive, write_archive
+from .archive import FloatRun, TensorRef, TorchArchive, short_repr, write_archive
 from .errors import FileFormatError, OutputError
 
 NUCLEOTIDE_SUFFIX = "_DNABERT_S.pt"
@@ -137,7 +137,8 @@ def _check_layout(path: str, obj: object, kind: str) -> None:
     title, keys = _LAYOUTS[kind]
     if type(obj) is dict and all(type(obj.get(k)) is list for k in keys):
         return
-    found = sorted(obj) if type(obj) is dict else type(obj).__name__
+    # Keys are str or int (the reader allows no others); ints sort first.
+    found = sorted(obj, key=lambda k: (type(k) is str, k)) if type(obj) is dict else type(obj).__name__
     for other, (other_title, other_keys) in _LAYOUTS.items():
         if other != kind and type(obj) is dict and set(other_keys) <= set(obj):
             raise FileFormatError(
@@ -151,7 +152,7 @@ def _check_unique(path: str, ids: list, key: str) -> None:
     seen: set[str] = set()
     for i in ids:
         if type(i) is not str:
-            raise FileFormatError(f"{path}: {key!r} holds {i!r:.80}, not an id string")
+            raise FileFormatError(f"{path}: {key!r} holds {short_repr(i)}, not an id string")
         if i in seen:
             raise FileFormatError(f"{path}: id {i!r} appears twice in {key!r}")
         seen.add(i)
@@ -162,7 +163,7 @@ def _nucleotide_vector(path: str, seq_id: str, row: object) -> tuple[list, int]:
         raise FileFormatError(f"{path}: the row of id {seq_id!r} has no 'mean_representation'")
     if row.get("label", seq_id) != seq_id:
         raise FileFormatError(
-            f"{path}: the row of id {seq_id!r} is labelled {row['label']!r:.80}; rows and ids disagree"
+            f"{path}: the row of id {seq_id!r} is labelled {short_repr(row['label'])}; rows and ids disagree"
         )
     values = row["mean_representation"]
     if type(values) is not list or not all(type(v) in (FloatRun, float) for v in values):

@@ -1,0 +1,353 @@
+"""Hostile inputs (issue 6): forged pickles inside real torch archives.
+
+Every file here is a real ``torch.save`` archive whose ``data.pkl`` was
+replaced.  The reader must refuse each one, say why, name the file, and run
+nothing: commands in the payloads would create a marker file.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import io
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dask_merge import FileFormatError, MergeError, UnsafeFileError, merge_pair
+from dask_merge.archive import TorchArchive
+from dask_merge.formats import read_features
+from dask_merge.testing import write_nucleotide_file, write_protein_file
+
+# --- crafting -----------------------------------------------------------------
+
+
+def replace_pickle(source: Path, target: Path, payload: bytes) -> Path:
+    """Copy the archive ``source`` to ``target`` with ``payload`` as its data.pkl."""
+    with zipfile.ZipFile(source) as src:
+        records = [(info.filename, src.read(info.filename)) for info in src.infolist()]
+    assert any(name.endswith("/data.pkl") for name, _ in records)
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as dst:
+        for name, data in records:
+            dst.writestr(name, payload if name.endswith("/data.pkl") else data)
+    return target
+
+
+class Storage:
+    """Pickles as torch's persistent id of a storage record."""
+
+    def __init__(self, key, numel, kind=None, location="cpu"):
+        self.key, self.numel, self.location = key, numel, location
+        self.kind = torch.FloatStorage if kind is None else kind
+
+
+class Tensor:
+    """Pickles as torch's rebuild call, with whatever arguments we like."""
+
+    def __init__(self, storage, offset, shape, stride):
+        self.args = (storage, offset, shape, stride, False, collections.OrderedDict())
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, self.args
+
+
+class Call:
+    """Pickles as REDUCE of ``func`` with ``args``: what an attack looks like."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, Storage):
+            return ("storage", obj.kind, obj.key, obj.location, obj.numel)
+        return None
+
+
+def dumps(obj, protocol=2) -> bytes:
+    buffer = io.BytesIO()
+    _Pickler(buffer, protocol=protocol).dump(obj)
+    return buffer.getvalue()
+
+
+def protein_layout(vectors, ids=None) -> dict:
+    ids = ids if ids is not None else [f"id{i}" for i in range(len(vectors))]
+    return {"proteins": ids, "data": vectors}
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A legit pair, a marker path that payloads would create, and helpers."""
+
+    class Files:
+        folder = tmp_path
+        marker = tmp_path / "PWNED"
+        nucleotide = tmp_path / "good_DNABERT_S.pt"
+        protein = tmp_path / "good_ESM.pt"
+        output = tmp_path / "out_merged.pt"
+
+        def forge(self, payload: bytes, name="forged_ESM.pt") -> Path:
+            # The legit protein file has storages "0" (4 floats) and "1" (4 floats).
+            return replace_pickle(self.protein, tmp_path / name, payload)
+
+    ids = ["id0", "id1"]
+    write_nucleotide_file(Files.nucleotide, ids, [[0.5, 1.5], [2.5, 3.5]])
+    write_protein_file(Files.protein, ids, [np.arange(4), np.arange(4) + 10])
+    return Files()
+
+
+def assert_refused(files, forged: Path, why: str, error=FileFormatError, side="protein"):
+    """Merging with ``forged`` on ``side`` fails cleanly, naming the file and the reason."""
+    nucleotide, protein = (files.nucleotide, forged) if side == "protein" else (forged, files.protein)
+    with pytest.raises(error) as info:
+        merge_pair(nucleotide, protein, files.output)
+    message = str(info.value)
+    assert isinstance(info.value, MergeError)
+    assert str(forged) in message, message
+    assert why in message, message
+    assert not files.marker.exists()
+    assert not files.output.exists()
+    assert [p.name for p in files.folder.iterdir() if "tmp" in p.name] == []
+    return message
+
+
+def test_the_legit_pair_merges(files):
+    # The baseline the forgeries start from: a refusal below is due to the forgery.
+    assert merge_pair(files.nucleotide, files.protein, files.output).rows == 2
+    tensors = [Tensor(Storage("0", 4), 0, (4,), (1,)), Tensor(Storage("1", 4), 0, (4,), (1,))]
+    forged = files.forge(dumps(protein_layout(tensors)))
+    assert merge_pair(files.nucleotide, forged, files.output).rows == 2
+    assert torch.equal(torch.load(files.output)["data"][1, 2:], torch.arange(4.0) + 10)
+
+
+# --- code execution -------------------------------------------------------------
+
+
+def _command(marker: Path) -> str:
+    return f"touch {marker}"
+
+
+def test_payloads_are_live(files, tmp_path):
+    # Proof that these payloads do run under a plain unpickler (so refusing
+    # them below means something): run two of them, against a scratch marker.
+    scratch = tmp_path / "scratch_marker"
+    pickle.loads(dumps(Call(os.system, _command(scratch))))
+    assert scratch.exists()
+    scratch.unlink()
+    pickle.loads(dumps(Call(eval, f"open({str(scratch)!r}, 'w').close()")))
+    assert scratch.exists()
+
+
+ATTACKS = {
+    "os.system": lambda m: Call(os.system, _command(m)),
+    "builtins.eval": lambda m: Call(eval, f"open({str(m)!r}, 'w').close()"),
+    "builtins.exec": lambda m: Call(exec, f"open({str(m)!r}, 'w').close()"),
+    "subprocess.Popen": lambda m: Call(subprocess.Popen, ["touch", str(m)]),
+    "subprocess.check_output": lambda m: Call(subprocess.check_output, ["touch", str(m)]),
+    "importlib.import_module": lambda m: Call(importlib.import_module, "antigravity"),
+    "torch.load": lambda m: Call(torch.load, str(m)),
+    "torch.save": lambda m: Call(torch.save, [1], str(m)),
+    "torch._utils._rebuild_parameter": lambda m: Call(
+        torch._utils._rebuild_parameter, Tensor(Storage("0", 4), 0, (4,), (1,)), False, {}
+    ),
+    "getattr": lambda m: Call(getattr, "", "join"),
+}
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("attack", sorted(ATTACKS))
+def test_calls_of_anything_but_the_tensor_rebuilder_are_refused(files, attack, protocol):
+    evil = ATTACKS[attack](files.marker)
+    # Hidden where a vector would be, after legit content.
+    payload = dumps(protein_layout([Tensor(Storage("0", 4), 0, (4,), (1,)), evil]), protocol)
+    forged = files.forge(payload)
+    message = assert_refused(files, forged, "refused", UnsafeFileError)
+    # The message names what was refused (the module of the global).
+    module = pickle.whichmodule(evil.func, evil.func.__name__)
+    assert module.split(".")[0] in message or evil.func.__name__ in message, message
+
+
+@pytest.mark.parametrize("opcodes", [
+    # GLOBAL + REDUCE, hand-assembled: os.system("touch MARKER")
+    lambda m: b"\x80\x02cos\nsystem\nX" + struct.pack("<I", len(_command(m))) + _command(m).encode() + b"\x85R.",
+    # INST: the protocol-0 way to call a class or function
+    lambda m: b"(S'" + _command(m).encode() + b"'\nios\nsystem\n.",
+    # OBJ
+    lambda m: b"\x80\x02(cos\nsystem\nX" + struct.pack("<I", len(_command(m))) + _command(m).encode() + b"o.",
+    # NEWOBJ on a global class
+    lambda m: b"\x80\x02csubprocess\nPopen\n]X\x05\x00\x00\x00touch\x85\x81.",
+    # BUILD (calls __setstate__) on an innocuous dict: refused as an opcode
+    lambda m: b"\x80\x02}}b.",
+    # EXT1: the extension registry resolves to arbitrary globals
+    lambda m: b"\x80\x02\x82\x01.",
+    # STACK_GLOBAL with the name built from strings
+    lambda m: b"\x80\x04\x8c\x02os\x8c\x06system\x93\x8c" + bytes([len(_command(m))]) + _command(m).encode() + b"\x85R.",
+    # a storage name called as a function, not as a persistent id
+    lambda m: b"\x80\x02ctorch\nFloatStorage\nK\x04\x85R.",
+    # the rebuilder called with the wrong number of arguments
+    lambda m: b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nX\x01\x00\x00\x00a\x85R.",
+], ids=["global_reduce", "inst", "obj", "newobj", "build", "ext1", "stack_global",
+        "storage_call", "rebuilder_bad_args"])
+def test_hand_assembled_opcodes_are_refused(files, opcodes):
+    forged = files.forge(opcodes(files.marker))
+    message = assert_refused(files, forged, "data.pkl byte")
+    assert "refused" in message or "broken" in message
+
+
+def test_refusal_happens_before_anything_is_called(files, monkeypatch):
+    # Even the import of the named module must not happen.
+    monkeypatch.delitem(sys.modules, "antigravity", raising=False)
+    forged = files.forge(dumps(Call(importlib.import_module, "antigravity")))
+    assert_refused(files, forged, "refused", UnsafeFileError)
+    assert "antigravity" not in sys.modules
+
+
+# --- storages and tensors that lie --------------------------------------------
+
+
+@pytest.mark.parametrize("storage,why", [
+    (Storage("7", 4), "does not hold"),
+    (Storage("../0", 4), "does not hold"),
+    (Storage("../../etc/passwd", 4), "does not hold"),
+    (Storage("/etc/passwd", 4), "does not hold"),
+    (Storage("data.pkl", 4), "does not hold"),
+    (Storage("0", 5), "holds only 16 bytes"),
+    (Storage("0", 2**40), "holds only 16 bytes"),
+    (Storage("0", -1), "malformed"),
+    (Storage(["0"], 4), "malformed"),
+    (Storage("0", 4, kind=torch.BFloat16Storage), "refused"),
+    (Storage("0", 4, location=["cpu"]), "location"),
+], ids=["missing", "dotdot", "dotdot_passwd", "absolute", "pickle_record", "one_more",
+        "huge_numel", "negative", "key_not_str", "unknown_type", "bad_location"])
+def test_persistent_ids_must_name_a_storage_of_the_archive(files, storage, why):
+    forged = files.forge(dumps(protein_layout([Tensor(storage, 0, (4,), (1,))])))
+    assert_refused(files, forged, why)
+
+
+def test_persistent_ids_other_than_storages_are_refused(files):
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("module", "os") if obj == "PID" else None
+
+    buffer = io.BytesIO()
+    Pickler(buffer, protocol=2).dump(protein_layout(["PID"]))
+    assert_refused(files, files.forge(buffer.getvalue()), "persistent id", UnsafeFileError)
+
+
+@pytest.mark.parametrize("offset,shape,stride,why", [
+    (0, (10**12,), (1,), "more items"),
+    (0, (5,), (1,), "more items"),
+    (3, (2,), (1,), "reaches past"),
+    (2**62, (4,), (1,), "reaches past"),
+    (0, (4,), (2,), "reaches past"),
+    (0, (2**40,), (0,), "more items"),
+    (0, (1,), (2**100,), "absurd stride"),
+    (-1, (4,), (1,), "negative"),
+    (0, (-4,), (1,), "negative"),
+    (0, (4,), (-1,), "negative"),
+    (0, (4, 2), (1,), "malformed"),
+    (0, (4.0,), (1,), "malformed"),
+], ids=["huge_size", "size_past_storage", "offset_past_storage", "huge_offset", "stride_past",
+        "stride0_expand", "huge_stride", "negative_offset", "negative_size", "negative_stride",
+        "rank_mismatch", "float_size"])
+def test_tensor_views_must_lie_inside_their_storage(files, offset, shape, stride, why):
+    bad = Tensor(Storage("0", 4), offset, shape, stride)
+    forged = files.forge(dumps(protein_layout([Tensor(Storage("1", 4), 0, (4,), (1,)), bad])))
+    assert_refused(files, forged, why)
+
+
+# --- resource exhaustion ------------------------------------------------------------
+
+
+def test_a_huge_memo_index_is_refused(files):
+    # LONG_BINPUT 2**31: CPython's C unpickler grows its memo array to the
+    # index (gigabytes); we refuse it.
+    payload = (b"\x80\x02}(X\x08\x00\x00\x00proteins]r" + struct.pack("<I", 2**31)
+               + b"X\x04\x00\x00\x00data]u.")
+    assert_refused(files, files.forge(payload), "memo index 2147483648", UnsafeFileError)
+
+
+def test_a_memo_index_that_was_never_stored_is_broken(files):
+    payload = b"\x80\x02}(X\x08\x00\x00\x00proteins]X\x04\x00\x00\x00datah\x07u."
+    assert_refused(files, files.forge(payload), "broken pickle")
+
+
+@pytest.mark.parametrize("where", ["ids", "vector", "top", "persistent_id", "label"])
+def test_deeply_nested_lists_do_not_crash(files, where):
+    depth = 200_000
+    nest = b"]" * depth + b"a" * (depth - 1)  # [[[...]]] built without recursion
+    key = struct.pack("<I", 8) + b"proteins"
+    data = struct.pack("<I", 4) + b"data"
+    if where == "ids":
+        payload, side, why = b"\x80\x02}(X" + key + b"](" + nest + b"eX" + data + b"](]eu.", "protein", "not an id string"
+    elif where == "vector":
+        payload, side, why = b"\x80\x02}(X" + key + b"](X\x01\x00\x00\x00aeX" + data + b"](" + nest + b"eu.", "protein", "not a 1-D tensor"
+    elif where == "top":
+        payload, side, why = b"\x80\x02" + nest + b".", "protein", "found list"
+    elif where == "persistent_id":
+        payload, side, why = b"\x80\x02" + nest + b"Q.", "protein", "persistent id"
+    else:
+        nuc = struct.pack("<I", 10) + b"nucleotide"
+        label = struct.pack("<I", 5) + b"label"
+        mean = struct.pack("<I", 19) + b"mean_representation"
+        payload = (b"\x80\x02}(X" + nuc + b"](X\x03\x00\x00\x00id0eX" + data
+                   + b"](}(X" + mean + b"]X" + label + nest + b"ueu.")
+        side, why = "nucleotide", "labelled"
+    forged = replace_pickle(files.protein, files.folder / f"deep_{where}.pt", payload)
+    assert_refused(files, forged, why, side=side)
+
+
+@pytest.mark.parametrize("payload,why", [
+    (b"\x80\x02X\xff\xff\xff\x7f.", "runs past the end"),
+    (b"\x80\x02\x8d" + struct.pack("<Q", 2**62) + b".", "runs past the end"),
+    (b"\x80\x02\x8b" + struct.pack("<i", 2**30) + b".", "integer of"),
+    (b"\x80\x02\x8b" + struct.pack("<i", -5) + b".", "integer of"),
+    (b"\x80\x09}.", "protocol"),
+    (b"\x80\x02}", "without STOP"),
+    (b"\x80\x02}}.", "STOP with a malformed stack"),
+    (b"\x80\x02e.", "broken pickle"),
+    (b"\x80\x02K\x01]a.", "broken pickle"),
+    (b"\x80\x02}K\x01K\x01s(tt.", "broken pickle"),
+    (b"\x80\x02}]]s.", "dict key of type list"),
+], ids=["long_string", "string8", "long4_huge", "long4_negative", "protocol", "no_stop",
+        "two_values", "appends_no_mark", "append_to_int", "tuple_key", "list_key"])
+def test_malformed_pickles_are_refused(files, payload, why):
+    assert_refused(files, files.forge(payload), why)
+
+
+def test_refusals_name_the_nucleotide_file_too(files):
+    forged = replace_pickle(files.nucleotide, files.folder / "evil_DNABERT_S.pt",
+                            dumps(Call(os.system, _command(files.marker))))
+    assert_refused(files, forged, "refused", UnsafeFileError, side="nucleotide")
+
+
+def test_a_refused_file_does_not_clobber_an_existing_output(files):
+    merge_pair(files.nucleotide, files.protein, files.output)
+    before = files.output.read_bytes()
+    forged = files.forge(dumps(Call(os.system, _command(files.marker))))
+    with pytest.raises(UnsafeFileError):
+        merge_pair(files.nucleotide, forged, files.output)
+    assert files.output.read_bytes() == before
+    assert not files.marker.exists()
+
+
+def test_torch_archive_open_refuses_without_loading_torch_objects(files):
+    # The reader itself (not just merge_pair) refuses, with the path in the message.
+    forged = files.forge(dumps(Call(os.system, _command(files.marker))))
+    with pytest.raises(UnsafeFileError, match="global (os|posix).system"):
+        TorchArchive.open(forged).load()
+    with pytest.raises(UnsafeFileError, match=str(forged)):
+        read_features(forged, "protein")
+    assert not files.marker.exists()
