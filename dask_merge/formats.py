@@ -65,11 +65,14 @@ class FeatureFile:
         Values are converted to ``out``'s dtype as ``torch.tensor`` would
         (a pickled float is a double; it is rounded once, to nearest).
         """
-        if self.fast and rows:
-            self._fill_fast(out, rows)
-        else:
-            for j, i in enumerate(rows):
-                out[j] = self._vector(self._vectors[i])
+        # Rounding to inf and NaN casts are what torch.tensor does, silently;
+        # numpy would warn on each (or raise under -W error).
+        with np.errstate(over="ignore", invalid="ignore"):
+            if self.fast and rows:
+                self._fill_fast(out, rows)
+            else:
+                for j, i in enumerate(rows):
+                    out[j] = self._vector(self._vectors[i])
 
     def _vector(self, value: object) -> np.ndarray:
         if type(value) is TensorRef:
