@@ -42,8 +42,10 @@ class FoundPairs:
 
 
 def _natural_key(name: str) -> list:
-    # output_2 before output_10, as a person would sort them.
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+    # output_2 before output_10, as a person would sort them.  The split puts
+    # the digit runs at odd positions (str.isdigit() also accepts '²', which
+    # int() refuses): ints and strs then alternate and always compare.
+    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
 
 
 def _stems(folder: str, suffix: str) -> dict[str, str]:
@@ -162,15 +164,18 @@ def checkpoint_state(pair: Pair, *, labels: list[int] | None = None, force: bool
             record = json.load(f)
     except (OSError, ValueError):
         return Checkpoint(True, "output exists (no record: made elsewhere)")
+    if type(record) is not dict:  # valid JSON, but not a record: as unreadable
+        return Checkpoint(True, "output exists (no record: made elsewhere)")
     if record.get("output") != output:
         return Checkpoint(True, "output exists (replaced since its record)")
     try:
         now = input_fingerprints(pair)
     except OSError as err:
         return Checkpoint(False, f"input unreadable: {err}")
+    recorded = record.get("inputs")
     for side in ("nucleotide", "protein"):
-        then = record.get("inputs", {}).get(side, {})
-        if {k: then.get(k) for k in now[side]} != now[side]:
+        then = recorded.get(side) if type(recorded) is dict else None
+        if type(then) is not dict or {k: then.get(k) for k in now[side]} != now[side]:
             return Checkpoint(False, f"{side} input changed since the merge")
     if record.get("labels") != labels:
         return Checkpoint(False, f"label changed ({record.get('labels')} -> {labels})")
