@@ -28,14 +28,6 @@ def _write(path, obj, **kwargs) -> None:
         write_archive(f, obj, **kwargs)
 
 
-def _to_numpy(value):
-    if isinstance(value, torch.Tensor):
-        return value.numpy()
-    if isinstance(value, TensorRef):
-        raise AssertionError("resolve TensorRefs with TorchArchive.array")
-    return value
-
-
 @pytest.mark.parametrize("mmap", [False, True])
 def test_write_archive_round_trip_through_torch_load(tmp_path, mmap):
     arrays = {f"a_{np.dtype(d).name}": _sample(d, (3, 5), seed=i) for i, d in enumerate(DTYPES)}
