@@ -97,10 +97,13 @@ def _print_plan(the_plan, *, verbose: bool) -> None:
 
 def _interrupted(nucleotide_dir, protein_dir, output_dir, label, started) -> None:
     # Workers are stopped and temporaries removed by the engine; tell what is done.
-    after = plan(nucleotide_dir, protein_dir, output_dir, label=label)
+    try:
+        after = plan(nucleotide_dir, protein_dir, output_dir, label=label)
+        done = f"{len(after.done)} pairs are done, {len(after.pending)} left. "
+    except (ConfigurationError, OSError, KeyboardInterrupt) as err:  # a folder gone, Ctrl-C again
+        done = f"cannot tell what is done ({str(err) or 'interrupted again'}). "
     click.echo(f"\ndask-merge: interrupted after {time.perf_counter() - started:.1f} s; "
-               f"{len(after.done)} pairs are done, {len(after.pending)} left. "
-               "Run the same command again to resume.", err=True)
+               f"{done}Run the same command again to resume.", err=True)
     sys.exit(EXIT_INTERRUPTED)
 
 

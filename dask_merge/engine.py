@@ -40,6 +40,7 @@ from .errors import MergeError
 from .formats import label_value, remove_stale_temporaries
 from .merge import merge_pair
 from .plan import (
+    RECORD_FOLDER,
     Checkpoint,
     Pair,
     checkpoint_state,
@@ -250,8 +251,10 @@ class Plan:
         skipped = [Record(p.name, "skipped", reason=c.reason, output=p.output) for p, c in self.done]
         start = time.perf_counter()
         folders = {os.path.dirname(p.output) for p in self.pending}
+        folders |= {os.path.join(f, RECORD_FOLDER) for f in folders}  # and the records'
         for folder in folders:
-            remove_stale_temporaries(folder)
+            # A killed run's temporaries go now; one a live writer holds, never.
+            remove_stale_temporaries(folder, written_min_age=0)
         partitions = _partitions(self.pending, partition_size, workers)
         dashboard = None
         try:
@@ -277,6 +280,8 @@ class Plan:
             for folder in folders:
                 remove_stale_temporaries(folder, min_age=0)
             raise
+        for folder in folders:  # left by workers that died mid-write (and were retried)
+            remove_stale_temporaries(folder, written_min_age=0)
         order = {p.name: i for i, p in enumerate(self.pending)}
         records.sort(key=lambda r: order[r.name])
         return Report(skipped + records, self.unpaired, time.perf_counter() - start,
@@ -441,16 +446,33 @@ def _run_processes(partitions, labels, *, workers: int, retries: int, progress: 
 
 def _isolate(suspects, labels, retries: int, progress: bool) -> list[Record]:
     records = []
-    for pair in (pair for part in suspects for pair in part):
-        for attempt in range(retries + 1):
+    pairs = [pair for part in suspects for pair in part]
+    # Each died once already, when the pool broke: a lone suspect surely, so
+    # it has `retries` tries left; of several, each runs alone at least once
+    # to tell the culprit from the innocent.
+    tries = retries if len(pairs) == 1 else max(retries, 1)
+    for pair in pairs:
+        for attempt in range(tries):
             finished, _, broken = _compute_in_pool([[pair]], labels, 1, progress)
             if not broken:
                 records += finished[0]
                 break
         else:
             records += _crashed([pair], f"the worker process died while merging {pair.name} "
-                                        f"({retries + 1} times): crashed or killed (out of memory?)")
+                                        f"({tries + 1} times): crashed or killed (out of memory?)")
     return records
+
+
+def _pool_worker(threads: int) -> None:
+    """Initializer of the pool's processes: Ctrl-C is the parent's to handle.
+
+    A terminal sends SIGINT to the whole process group; the parent stops the
+    workers itself (no tracebacks from each of them).
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _limit_threads(threads)
 
 
 def _compute_in_pool(partitions, labels, workers: int, progress: bool):
@@ -476,11 +498,13 @@ def _compute_in_pool(partitions, labels, workers: int, progress: bool):
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_limit_threads, initargs=(threads,))
+                               initializer=_pool_worker, initargs=(threads,))
     broken = False
     try:
         with Callback(pretask=pretask, posttask=posttask), _progress_bar(progress):
-            bag.compute(scheduler="processes", pool=pool, chunksize=1)
+            # Unoptimized: fusion would run each merge under another key than
+            # (bag.name, i), and a crash could not be traced to its pairs.
+            bag.compute(scheduler="processes", pool=pool, chunksize=1, optimize_graph=False)
     except BrokenProcessPool:
         broken = True
     except BaseException:  # Ctrl-C: stop the children now, not after their pair
@@ -506,7 +530,10 @@ def _distributed_client(scheduler, scheduler_file, client, workers, dashboard_ad
     if scheduler == "local" and not scheduler_file:
         # A task whose worker dies is tried again on another, `retries` times
         # (on an existing cluster, its own allowed-failures setting rules).
-        with dask.config.set({"distributed.scheduler.allowed-failures": retries}), \
+        # One task at a time per worker: a dying worker takes down only the
+        # pair it runs, never an innocent one queued behind it.
+        with dask.config.set({"distributed.scheduler.allowed-failures": retries,
+                              "distributed.scheduler.worker-saturation": 1.0}), \
                 LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                              host="127.0.0.1", dashboard_address=dashboard_address) as cluster, \
                 Client(cluster) as local:

@@ -278,23 +278,32 @@ def is_temporary(name: str) -> bool:
     return _TEMPORARY_MARK in name
 
 
-def remove_stale_temporaries(folder: str, *, min_age: float = 60.0) -> list[str]:
+def remove_stale_temporaries(folder: str, *, min_age: float = 60.0,
+                             written_min_age: float | None = None) -> list[str]:
     """Remove temporaries left by killed runs in ``folder``; return their paths.
 
     A temporary is stale when no process holds its lock and it is older than
     ``min_age`` seconds (the age closes the short gap between a writer
-    creating its temporary and locking it).
+    creating its temporary and locking it).  A writer locks its temporary
+    before it writes a byte, so an unlocked one with content is a dead
+    writer's: it is stale once ``written_min_age`` old (default ``min_age``;
+    0 removes it at once, safely even while other runs write).
     """
+    written_min_age = min_age if written_min_age is None else written_min_age
     removed = []
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(folder):
             if not is_temporary(entry.name):
                 continue
             with contextlib.suppress(FileNotFoundError, BlockingIOError, PermissionError):
-                if time.time() - entry.stat().st_mtime < min_age:
+                age = time.time() - entry.stat().st_mtime
+                if age < min(min_age, written_min_age):
                     continue
                 with open(entry.path, "rb") as f:
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    # Under the lock the size cannot grow: a writer waits for it.
+                    if age < (written_min_age if os.fstat(f.fileno()).st_size else min_age):
+                        continue
                     os.unlink(entry.path)
                 removed.append(entry.path)
     return removed

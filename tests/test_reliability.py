@@ -1,0 +1,546 @@
+"""Reliability (issue 6): no fault loses work or leaves a broken file.
+
+Every test here makes a real fault happen to a real run: the whole process
+group SIGKILLed, Ctrl-C (SIGINT) to the group or to the parent alone, a
+worker process killed while it merges a pair (on the process pool and on a
+LocalCluster), a full disk (a small tmpfs), a read-only folder (a read-only
+tmpfs), inputs or the output folder changed between planning and merging,
+and two runs over one output folder at once.  Afterwards, each test checks
+the same things:
+
+* every file under a final name (``*_merged.pt``) loads with ``torch.load``
+  and equals :func:`dask_merge.testing.reference_merge` of its pair;
+* no temporary (``.NAME.dask-merge-tmp-*``) is left, beside the outputs or
+  beside the checkpoint records;
+* a rerun merges exactly the pairs not yet done.
+
+A worker is killed "mid-pair" deterministically: between planning and
+merging, the victim pair's nucleotide file is replaced by a FIFO.  The worker
+that merges the pair opens it and blocks reading it; the test finds the
+process holding the FIFO (``/proc/PID/fd``), kills it, and on the retry
+either kills again or writes the real file's bytes into the FIFO.
+
+Mounts (tmpfs) need root; where they are impossible the tests say why and
+skip, but on CI (root in a container with CAP_SYS_ADMIN) they run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+import dask_merge
+from dask_merge.formats import is_temporary, remove_stale_temporaries
+from dask_merge.plan import RECORD_FOLDER, checkpoint_state
+from dask_merge.testing import make_dataset, make_pair, reference_merge
+
+DISTINCT = 4  # distinct real-size pairs (2000 rows at DNABERT-S / ESM-2 3B widths)
+ROWS = 2000
+STEMS = 36  # pairs of a run: hard links to the distinct ones, ~4 s on 2 workers
+
+pytestmark = pytest.mark.timeout(180)
+
+
+# --- data and checks -----------------------------------------------------------------
+
+
+class Inputs:
+    """The real-size pairs, made once per module, and their reference merges."""
+
+    def __init__(self, folder: Path):
+        self.base = folder / "base"
+        make_dataset(self.base, pairs=DISTINCT, rows=ROWS)
+        self._expected: dict[tuple[int, int], dict] = {}
+
+    def linked(self, folder: Path, stems: int = STEMS) -> Path:
+        """``stems`` pairs named chunk_K: hard links to the distinct pairs."""
+        folder.mkdir(parents=True)
+        for k in range(stems):
+            for suffix in ("_DNABERT_S.pt", "_ESM.pt"):
+                os.link(self.base / f"output_{k % DISTINCT}{suffix}", folder / f"chunk_{k}{suffix}")
+        return folder
+
+    def expected(self, nucleotide: Path, protein: Path) -> dict:
+        """reference_merge of a pair (computed once per distinct file)."""
+        key = (os.stat(nucleotide).st_ino, os.stat(protein).st_ino)
+        if key not in self._expected:
+            self._expected[key] = reference_merge(nucleotide, protein)
+        return self._expected[key]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Inputs:
+    return Inputs(tmp_path_factory.mktemp("reliability"))
+
+
+def temporaries(out: Path) -> list[Path]:
+    """Every temporary beside the outputs and beside their checkpoint records."""
+    found = []
+    for folder in (out, out / RECORD_FOLDER):
+        if folder.is_dir():
+            found += [folder / n for n in os.listdir(folder) if is_temporary(n)]
+    return sorted(found)
+
+
+def merged_stems(out: Path) -> set[str]:
+    return {p.name.removesuffix("_merged.pt") for p in out.glob("*_merged.pt")}
+
+
+def assert_outputs_correct(out: Path, features: Path, expected=None) -> set[str]:
+    """Every final-named output is complete and equals reference_merge of its pair."""
+    stems = merged_stems(out)
+    for stem in stems:
+        merged = torch.load(out / f"{stem}_merged.pt")  # a torn file would not load
+        nucleotide, protein = features / f"{stem}_DNABERT_S.pt", features / f"{stem}_ESM.pt"
+        want = expected(nucleotide, protein) if expected else reference_merge(nucleotide, protein)
+        assert merged["ids"] == want["ids"], stem
+        assert torch.equal(merged["data"], want["data"]), stem
+    return stems
+
+
+def cli(*args, **popen) -> subprocess.Popen:
+    command = [shutil.which("dask-merge") or "dask-merge", "run", *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
+
+
+def wait_for_first_output(process: subprocess.Popen, out: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not list(out.glob("*_merged.pt")):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "no output appeared"
+        time.sleep(0.005)
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def assert_all_gone(processes: list[psutil.Process], timeout: float = 10) -> None:
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    alive = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"stray processes: {[(p.pid, p.cmdline()) for p in alive]}"
+
+
+def assert_resumes(features: Path, out: Path, inputs: Inputs, *, pairs: int = STEMS,
+                   killed: bool = False) -> None:
+    """A rerun merges exactly the pairs without an output, skips the others.
+
+    After it, no temporary is left.  Only after a SIGKILL may one stay: the
+    empty one of a writer killed between creating its temporary and writing
+    its first bytes, which is indistinguishable from a live writer between
+    creating and locking it; it goes once a minute old (see
+    test_a_killed_writers_temporary_goes_at_once_a_live_ones_never).
+    """
+    done = merged_stems(out)
+    assert 0 < len(done) < pairs, f"the fault did not land mid-run ({len(done)} of {pairs} done)"
+    report = dask_merge.run(features, output_dir=out, scheduler="processes", workers=2,
+                            progress=False)
+    assert report.counts == {"merged": pairs - len(done), "skipped": len(done), "failed": 0}
+    assert {r.name for r in report.records if r.status == "skipped"} == done
+    assert merged_stems(out) == {f"chunk_{k}" for k in range(pairs)}
+    assert_outputs_correct(out, features, inputs.expected)
+    left = temporaries(out)
+    if killed:  # at most one per killed worker, and empty
+        left = [p for p in left if p.stat().st_size > 0 or len(left) > 2]
+    assert left == []
+
+
+# --- 1. SIGKILL of the whole run ------------------------------------------------------------
+
+
+def test_sigkill_of_the_whole_run_loses_nothing_and_the_rerun_resumes(inputs, tmp_path):
+    features, out = inputs.linked(tmp_path / "features"), tmp_path / "out"
+    run = cli("--nucleotide-dir", features, "--output-dir", out, "--scheduler", "processes",
+              "--workers", "2", "--no-progress", start_new_session=True)
+    wait_for_first_output(run, out)
+    group = descendants(run.pid)
+    assert len(group) >= 2, "the pool's workers are not running"
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait(timeout=10)
+    assert run.returncode == -signal.SIGKILL
+    assert_all_gone(group)
+
+    # What is under a final name is complete and right; temporaries are never
+    # outputs (the rerun skips exactly the final names) and the rerun removes them.
+    assert_outputs_correct(out, features, inputs.expected)
+    assert_resumes(features, out, inputs, killed=True)
+
+
+def test_a_killed_writers_temporary_goes_at_once_a_live_ones_never(inputs, tmp_path):
+    """The rerun's clean-up, with real writer processes (atomic_write) on the same folder."""
+    features, out = inputs.linked(tmp_path / "features", stems=4), tmp_path / "out"
+    out.mkdir()
+
+    def writer(name: str) -> subprocess.Popen:
+        # Locks its temporary, writes part of it and waits: a live writer.
+        code = (
+            "import sys, time\n"
+            "from dask_merge.formats import atomic_write\n"
+            "def write(f):\n"
+            "    f.write(b'x' * 100_000); f.flush()\n"
+            "    print('writing', flush=True); time.sleep(120)\n"
+            f"atomic_write({str(out / name)!r}, write)\n"
+        )
+        process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert process.stdout.readline() == "writing\n"
+        return process
+
+    killed = writer("chunk_0_merged.pt")
+    killed.kill()
+    killed.wait()
+    live = writer("chunk_1_merged.pt")
+    # What a writer between creating its temporary and locking it leaves:
+    # empty, unlocked, young (atomic_write's os.open, before its flock).
+    os.close(os.open(out / ".chunk_2_merged.pt.dask-merge-tmp-0123", os.O_WRONLY | os.O_CREAT, 0o644))
+    try:
+        before = temporaries(out)
+        assert len(before) == 3 and all(p.name.startswith(".chunk_") for p in before)
+        report = dask_merge.run(features, output_dir=out, scheduler="processes", workers=2,
+                                progress=False)
+        assert report.counts == {"merged": 4, "skipped": 0, "failed": 0}
+        assert_outputs_correct(out, features, inputs.expected)
+        # The dead writer's temporary went at once; the live writer's stays,
+        # and so does the empty one while it is young.
+        left = temporaries(out)
+        assert [p.name.split(".dask")[0] for p in left] == [".chunk_1_merged.pt", ".chunk_2_merged.pt"]
+        assert live.poll() is None
+    finally:
+        live.kill()
+        live.wait()
+    # Once their writers are dead, the next run removes them too (the empty
+    # one, which could be a writer between creating and locking it, once old).
+    old = time.time() - 120
+    for path in temporaries(out):
+        os.utime(path, (old, old))
+    report = dask_merge.run(features, output_dir=out, scheduler="sync", progress=False, force=True)
+    assert report.counts["merged"] == 4 and temporaries(out) == []
+
+
+# --- 2. Ctrl-C ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["group", "parent"])
+def test_ctrl_c_stops_everything_cleans_up_and_the_rerun_resumes(inputs, tmp_path, target):
+    features, out = inputs.linked(tmp_path / "features"), tmp_path / "out"
+    run = cli("--nucleotide-dir", features, "--output-dir", out, "--scheduler", "processes",
+              "--workers", "2", "--no-progress", start_new_session=True)
+    wait_for_first_output(run, out)
+    children = descendants(run.pid)
+    assert len(children) >= 2, "the pool's workers are not running"
+    sent = time.monotonic()
+    if target == "group":  # what a terminal does on Ctrl-C
+        os.killpg(run.pid, signal.SIGINT)
+    else:  # kill -INT PID: the children hear nothing, the parent must stop them
+        os.kill(run.pid, signal.SIGINT)
+    try:
+        _, stderr = run.communicate(timeout=15)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    took = time.monotonic() - sent
+    assert run.returncode == 130, stderr
+    assert took < 5, f"took {took:.1f} s to stop"
+    assert_all_gone(children)
+    assert "Traceback" not in stderr, stderr
+    done = merged_stems(out)
+    assert f"interrupted after" in stderr
+    assert f"{len(done)} pairs are done, {STEMS - len(done)} left" in stderr, stderr
+    assert temporaries(out) == []
+    assert_outputs_correct(out, features, inputs.expected)
+    assert_resumes(features, out, inputs)
+
+
+# --- 3. a worker process killed mid-pair -------------------------------------------------------
+
+
+class Victim:
+    """A pair whose nucleotide input becomes a FIFO after planning.
+
+    The worker merging it blocks reading the FIFO, so the test knows which
+    process is mid-pair: the one holding the FIFO open.
+    """
+
+    def __init__(self, features: Path, stem: str):
+        self.path = features / f"{stem}_DNABERT_S.pt"
+        self.content = self.path.read_bytes()
+        self.saved = self.path.with_name("saved.bin")
+        self.saved.write_bytes(self.content)
+        self.path.unlink()
+        os.mkfifo(self.path)
+        # Held open read-write: the worker's open() never blocks, its read()
+        # waits for data, and EOF comes only when this end is closed.
+        self.fd = os.open(self.path, os.O_RDWR)
+        self.kills = 0
+
+    def reader(self, timeout: float = 60) -> psutil.Process:
+        """Wait for a descendant of this process that has the FIFO open."""
+        deadline = time.monotonic() + timeout
+        target = str(self.path)
+        while time.monotonic() < deadline:
+            for process in psutil.Process().children(recursive=True):
+                with contextlib.suppress(OSError, psutil.Error):
+                    for fd in os.listdir(f"/proc/{process.pid}/fd"):
+                        with contextlib.suppress(OSError):
+                            if os.readlink(f"/proc/{process.pid}/fd/{fd}") == target:
+                                return process
+            time.sleep(0.02)
+        raise AssertionError("no worker opened the victim pair")
+
+    def kill_reader(self) -> None:
+        process = self.reader()
+        process.kill()
+        # Wait without reaping: the pool (or the nanny) must see the death itself.
+        deadline = time.monotonic() + 10
+        with contextlib.suppress(psutil.NoSuchProcess):
+            while process.status() != psutil.STATUS_ZOMBIE:
+                assert time.monotonic() < deadline, "the killed worker lives on"
+                time.sleep(0.01)
+        self.kills += 1
+
+    def feed_reader(self) -> None:
+        """Let the next worker read the real bytes, then EOF."""
+        self.reader()
+        view = memoryview(self.content)
+        while view:
+            view = view[os.write(self.fd, view[: 1 << 16]) :]
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+    def restore(self) -> None:
+        os.replace(self.saved, self.path)
+
+
+def _execute_in_thread(the_plan, **options):
+    result = {}
+
+    def target():
+        try:
+            result["report"] = the_plan.execute(progress=False, **options)
+        except BaseException as err:  # pragma: no cover - shown by the test
+            result["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def _small_dataset(folder: Path, pairs: int = 6) -> Path:
+    make_dataset(folder, pairs=pairs, rows=300, nucleotide_width=64, protein_width=96)
+    return folder
+
+
+@pytest.mark.parametrize("scheduler", ["processes", "local"])
+@pytest.mark.parametrize("kills", [1, 2])
+def test_a_worker_killed_mid_pair_is_retried_then_reported(tmp_path, scheduler, kills):
+    features, out = _small_dataset(tmp_path / "features"), tmp_path / "out"
+    the_plan = dask_merge.plan(features, output_dir=out)
+    victim = Victim(features, "output_2")
+    before = set(psutil.Process().children(recursive=True))
+    thread, result = _execute_in_thread(the_plan, scheduler=scheduler, workers=2, retries=1,
+                                        dashboard_address="127.0.0.1:0")
+    try:
+        for _ in range(kills):
+            victim.kill_reader()
+        if kills == 1:
+            victim.feed_reader()  # the retry gets the real bytes
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "the run did not finish"
+    finally:
+        victim.close()
+    assert "error" not in result, result.get("error")
+    report = result["report"]
+    victim.restore()
+    assert victim.kills == kills
+
+    counts = report.counts
+    assert sum(counts.values()) == 6 and counts["skipped"] == 0
+    by_name = {r.name: r for r in report.records}
+    others = {f"output_{i}" for i in range(6)} - {"output_2"}
+    assert all(by_name[n].status == "merged" for n in others), report.summary()
+    if kills == 1:  # retried once, then merged like the reference
+        assert counts == {"merged": 6, "skipped": 0, "failed": 0}, report.summary()
+    else:  # killed again on its retry: reported, with why
+        assert counts == {"merged": 5, "skipped": 0, "failed": 1}, report.summary()
+        error = by_name["output_2"].error
+        assert "died while merging" in error and "retried" in error, error
+        assert not (out / "output_2_merged.pt").exists()
+    assert_outputs_correct(out, features)
+    assert temporaries(out) == []
+    # the pools and the cluster are gone (multiprocessing's resource tracker
+    # stays for the life of this process: it is not the run's)
+    assert_all_gone([p for p in psutil.Process().children(recursive=True)
+                     if p not in before and "resource_tracker" not in " ".join(p.cmdline())])
+    # The rerun does only the victim: missing, or (merged from the FIFO, now
+    # restored to a regular file) with an input changed since its merge.
+    pending = dask_merge.plan(features, output_dir=out).pending
+    assert [p.name for p in pending] == ["output_2"]
+    again = dask_merge.run(features, output_dir=out, scheduler="sync", progress=False)
+    assert again.counts == {"merged": 1, "skipped": 5, "failed": 0}
+    assert_outputs_correct(out, features)
+
+
+# --- 4. a full disk ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, options: str):
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root and CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_full_disk_fails_the_pairs_that_do_not_fit_and_leaves_no_debris(tmp_path):
+    # 8 pairs of ~0.9 MB outputs on a 3 MB tmpfs: a few fit, the rest cannot.
+    features = tmp_path / "features"
+    make_dataset(features, pairs=8, rows=600, nucleotide_width=128, protein_width=256)
+    with tmpfs(tmp_path / "small", "size=3m") as out:
+        report = dask_merge.run(features, output_dir=out, scheduler="processes", workers=2,
+                                progress=False)
+        counts = report.counts
+        assert counts["merged"] >= 1 and counts["failed"] >= 1, report.summary()
+        assert counts["merged"] + counts["failed"] == 8
+        for record in report.failures:
+            assert "No space left on device" in record.error, record.error
+            assert f"{out}/" in record.error and record.name in record.error, record.error
+        # What is under a final name is whole: every merged pair's output,
+        # and no other (unless only its checkpoint record did not fit).
+        done = assert_outputs_correct(out, features)
+        merged = {r.name for r in report.records if r.status == "merged"}
+        assert merged <= done
+        for name in done - merged:
+            assert "/.dask-merge/" in {r.name: r for r in report.records}[name].error
+        assert temporaries(out) == []
+        # space freed: the rerun merges just the pairs without an output
+        subprocess.run(["mount", "-o", "remount,size=64m", str(out)], check=True)
+        again = dask_merge.run(features, output_dir=out, scheduler="processes", workers=2,
+                               progress=False)
+        assert again.counts == {"merged": 8 - len(done), "skipped": len(done), "failed": 0}
+        assert len(assert_outputs_correct(out, features)) == 8
+        assert temporaries(out) == []
+
+
+# --- 5. read-only and vanishing folders, changed inputs ---------------------------------------
+
+
+def test_a_read_only_output_folder_is_a_configuration_error(tmp_path):
+    features = _small_dataset(tmp_path / "features", pairs=2)
+    with tmpfs(tmp_path / "ro", "ro,size=1m") as out:
+        for target in (out, out / "sub"):  # the folder itself, or one to create in it
+            run = cli("--nucleotide-dir", features, "--output-dir", target, "--no-progress")
+            _, stderr = run.communicate(timeout=60)
+            assert run.returncode == 2, stderr
+            assert str(target) in stderr and "Traceback" not in stderr, stderr
+        assert os.listdir(out) == []
+
+
+def test_the_output_folder_removed_before_merging_fails_each_pair_clearly(tmp_path):
+    features, out = _small_dataset(tmp_path / "features", pairs=3), tmp_path / "out"
+    the_plan = dask_merge.plan(features, output_dir=out)
+    shutil.rmtree(out)
+    report = the_plan.execute(scheduler="processes", workers=2, progress=False)
+    assert report.counts == {"merged": 0, "skipped": 0, "failed": 3}
+    for record in report.failures:
+        assert str(out) in record.error and "No such file or directory" in record.error, record.error
+    assert not out.exists()
+
+
+def test_the_output_folder_removed_mid_run_fails_the_rest_clearly(inputs, tmp_path):
+    features, out = inputs.linked(tmp_path / "features"), tmp_path / "out"
+    report_file = tmp_path / "report.json"
+    run = cli("--nucleotide-dir", features, "--output-dir", out, "--scheduler", "processes",
+              "--workers", "2", "--no-progress", "--report", report_file)
+    wait_for_first_output(run, out)
+    moved = tmp_path / "moved"
+    os.rename(out, moved)  # as `mv out elsewhere`: atomic, unlike rm -r
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode in (0, 1) and "Traceback" not in stderr, stderr
+    report = json.loads(report_file.read_text())
+    assert sum(report["counts"].values()) == STEMS
+    for record in report["pairs"]:
+        if record["status"] == "failed":
+            assert str(out) in record["error"], record["error"]
+    assert report["counts"]["failed"] >= 1, "the folder went after the run was over"
+    assert not out.exists()
+    # What was written before the move is whole, in the moved folder (with,
+    # maybe, the temporaries of writes the move cut short); a run there resumes.
+    assert_outputs_correct(moved, features, inputs.expected)
+    done = merged_stems(moved)
+    again = dask_merge.run(features, output_dir=moved, scheduler="processes", workers=2,
+                           progress=False)
+    assert again.counts == {"merged": STEMS - len(done), "skipped": len(done), "failed": 0}
+    assert len(assert_outputs_correct(moved, features, inputs.expected)) == STEMS
+    assert temporaries(moved) == []
+
+
+def test_inputs_deleted_or_changed_after_planning_fail_only_their_pair(tmp_path):
+    features, out = _small_dataset(tmp_path / "features"), tmp_path / "out"
+    the_plan = dask_merge.plan(features, output_dir=out)
+    deleted = features / "output_1_ESM.pt"
+    deleted.unlink()
+    truncated = features / "output_3_DNABERT_S.pt"
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    # a valid new version of a pair: merged as it is now, and recorded so
+    make_pair(features, "output_5", rows=40, nucleotide_width=64, protein_width=96, seed=77)
+    report = the_plan.execute(scheduler="processes", workers=2, progress=False)
+
+    by_name = {r.name: r for r in report.records}
+    assert report.counts == {"merged": 4, "skipped": 0, "failed": 2}, report.summary()
+    assert str(deleted) in by_name["output_1"].error
+    assert "No such file or directory" in by_name["output_1"].error
+    assert str(truncated) in by_name["output_3"].error
+    assert "truncated" in by_name["output_3"].error
+    assert merged_stems(out) == {"output_0", "output_2", "output_4", "output_5"}
+    assert_outputs_correct(out, features)
+    assert by_name["output_5"].rows == 40
+    assert temporaries(out) == []
+    again = dask_merge.plan(features, output_dir=out)
+    assert {p.name for p in again.pending} == {"output_3"}  # output_1 has no pair any more
+    assert checkpoint_state(next(p for p, _ in again.done if p.name == "output_5")).reason == "up to date"
+
+
+# --- 6. two runs at once ------------------------------------------------------------------
+
+
+def test_two_runs_over_one_output_folder_at_once(inputs, tmp_path):
+    stems = 16
+    features, out = inputs.linked(tmp_path / "features", stems=stems), tmp_path / "out"
+    runs = [cli("--nucleotide-dir", features, "--output-dir", out, "--scheduler", "processes",
+                "--workers", "2", "--no-progress", "--report", tmp_path / f"report{i}.json")
+            for i in range(2)]
+    for run in runs:
+        _, stderr = run.communicate(timeout=120)
+        assert run.returncode == 0, stderr
+    reports = [json.loads((tmp_path / f"report{i}.json").read_text()) for i in range(2)]
+    merged_by = [{p["name"] for p in r["pairs"] if p["status"] == "merged"} for r in reports]
+    for report in reports:
+        assert report["counts"]["failed"] == 0
+        assert sum(report["counts"].values()) == stems
+    assert merged_by[0] | merged_by[1] == {f"chunk_{k}" for k in range(stems)}
+    assert len(assert_outputs_correct(out, features, inputs.expected)) == stems
+    assert temporaries(out) == []
+    again = dask_merge.plan(features, output_dir=out)
+    assert again.pending == [] and len(again.done) == stems
