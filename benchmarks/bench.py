@@ -1,0 +1,553 @@
+#!/usr/bin/env python
+"""Benchmarks of dask_merge (issue 7): a script, not a test.
+
+    python benchmarks/bench.py                  # everything, 5 repetitions each
+    python benchmarks/bench.py --quick          # 2 repetitions, smaller sets
+    python benchmarks/bench.py --only kernel    # or scaling, overhead
+    python benchmarks/bench.py --profile        # cProfile of merge_pair on the big pair
+
+Three parts, each variant run in a fresh subprocess (so its peak RSS is its
+own) and repeated; medians are reported:
+
+kernel    one realistic 10,000-row pair (768 + 2560 wide, shuffled protein ids):
+          the upstream algorithm (torch.load, per-row torch.tensor / torch.cat,
+          torch.stack, torch.save) vs dask_merge.merge_pair vs the I/O floor
+          (read both inputs, torch.save a (10000, 3328) float32 tensor, fsync).
+          Outputs are checked bit for bit (ids and torch.equal on data).
+scaling   16 such pairs on the processes scheduler, 1 vs 2 workers.
+overhead  2,000 10-row pairs: sync vs processes vs a LocalCluster, with the
+          engine's automatic partition size vs one task per pair.
+
+Inputs are made once and cached under benchmarks/data/ (gitignored); the 16
+scaling pairs are hard links of the one big pair, so they are read from the
+page cache: the numbers are warm-cache, CPU-bound throughput.  Raw results go
+to benchmarks/results/ (gitignored) as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+RESULTS = HERE / "results"
+
+BIG_ROWS, BIG_NUC_ONLY, BIG_PROT_ONLY = 10_000, 20, 3
+TINY_ROWS = 10
+MERGED_WIDTH = 768 + 2560
+
+GOALS = {
+    "speedup": 10.0,  # merge_pair vs upstream, at least
+    "floor": 3.0,  # merge_pair / I/O floor, at most
+    "rss": 0.5,  # peak RSS merge_pair / upstream, at most
+    "scaling": 1.7,  # 2 workers / 1 worker throughput, at least
+    "overhead": 1.5,  # processes (2 workers) / sync throughput on tiny pairs, at least
+}
+
+
+# --- data ----------------------------------------------------------------------
+
+
+def _log(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+def _complete(folder: Path, spec: dict) -> bool:
+    marker = folder / ".complete.json"
+    try:
+        return json.loads(marker.read_text()) == spec
+    except (OSError, ValueError):
+        return False
+
+
+def _mark(folder: Path, spec: dict) -> None:
+    (folder / ".complete.json").write_text(json.dumps(spec))
+
+
+def big_pair() -> tuple[str, str]:
+    """The realistic pair (made once, ~180 MB): paths of its DNABERT-S and ESM files."""
+    folder = DATA / "big"
+    spec = {"rows": BIG_ROWS, "nucleotide_only": BIG_NUC_ONLY, "protein_only": BIG_PROT_ONLY}
+    if not _complete(folder, spec):
+        from dask_merge.testing import make_pair
+
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        _log(f"making the {BIG_ROWS}-row pair in {folder} (once) ...")
+        start = time.perf_counter()
+        make_pair(folder, "big", rows=BIG_ROWS, nucleotide_only=BIG_NUC_ONLY,
+                  protein_only=BIG_PROT_ONLY)
+        _log(f"  done in {time.perf_counter() - start:.0f} s")
+        _mark(folder, spec)
+    return str(folder / "big_DNABERT_S.pt"), str(folder / "big_ESM.pt")
+
+
+def scaling_set(pairs: int) -> Path:
+    """A folder of ``pairs`` copies (hard links) of the big pair, stems chunk_0 ..."""
+    nucleotide, protein = big_pair()
+    folder = DATA / f"scaling-{pairs}" / "in"
+    spec = {"pairs": pairs, "source": os.stat(nucleotide).st_mtime_ns}
+    if not _complete(folder, spec):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for i in range(pairs):
+            for source, suffix in ((nucleotide, "_DNABERT_S.pt"), (protein, "_ESM.pt")):
+                target = folder / f"chunk_{i}{suffix}"
+                try:
+                    os.link(source, target)
+                except OSError:
+                    shutil.copyfile(source, target)
+        _mark(folder, spec)
+    return folder
+
+
+def tiny_set(pairs: int) -> Path:
+    """A folder of ``pairs`` 10-row pairs at the real widths."""
+    folder = DATA / f"tiny-{pairs}" / "in"
+    spec = {"pairs": pairs, "rows": TINY_ROWS}
+    if not _complete(folder, spec):
+        from dask_merge.testing import make_pair
+
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        _log(f"making {pairs} tiny pairs in {folder} (once) ...")
+        start = time.perf_counter()
+        for i in range(pairs):
+            make_pair(folder, f"tiny_{i}", rows=TINY_ROWS, nucleotide_only=1, protein_only=1, seed=i)
+        _log(f"  done in {time.perf_counter() - start:.0f} s")
+        _mark(folder, spec)
+    return folder
+
+
+# --- the variants, each run in a child process -----------------------------------------
+
+
+def _rss_mb() -> float:
+    """Current RSS of this process, MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    """Peak RSS of this process, MiB: VmHWM, which starts afresh at exec.
+
+    Not getrusage's ru_maxrss: Linux carries the parent's peak over a
+    vfork + exec (subprocess), so a child would report its parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def _children_peak_mb() -> float:
+    """Largest peak RSS of the waited-for children (ru_maxrss, so at least ours at their exec)."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: KiB
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def child_upstream(nucleotide: str, protein: str, output: str) -> dict:
+    """VirNucPro's merge_data, re-implemented (ids fixed to the rows kept, no warnings printed)."""
+    import torch
+
+    baseline = _rss_mb()
+    cpu, start = _cpu(), time.perf_counter()
+    nucleotide_file = torch.load(nucleotide)  # torch >= 2.6: weights_only=True by default
+    protein_file = torch.load(protein)
+    nucleotide_vectors = {}
+    protein_vectors = {}
+    for seq_id, row in zip(nucleotide_file["nucleotide"], nucleotide_file["data"]):
+        nucleotide_vectors[seq_id] = torch.tensor(row["mean_representation"])
+    for seq_id, vector in zip(protein_file["proteins"], protein_file["data"]):
+        protein_vectors[seq_id] = vector
+    rows, ids = [], []
+    for seq_id in nucleotide_file["nucleotide"]:
+        if seq_id in protein_vectors:
+            rows.append(torch.cat((nucleotide_vectors[seq_id], protein_vectors[seq_id]), dim=-1))
+            ids.append(seq_id)  # upstream saves all nucleotide ids (its bug); fixed here
+    data = torch.stack(rows)
+    torch.save({"ids": ids, "data": data}, output)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "cpu": _cpu() - cpu, "baseline_mb": baseline, "peak_mb": _peak_mb()}
+
+
+def child_merge(nucleotide: str, protein: str, output: str) -> dict:
+    from dask_merge import merge_pair
+
+    baseline = _rss_mb()
+    cpu, start = _cpu(), time.perf_counter()
+    result = merge_pair(nucleotide, protein, output)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "cpu": _cpu() - cpu, "baseline_mb": baseline, "peak_mb": _peak_mb(), "rows": result.rows}
+
+
+def child_floor(nucleotide: str, protein: str, output: str) -> dict:
+    """Read both inputs' bytes, torch.save the merged-size tensor, fsync (timed apart)."""
+    import torch
+
+    data = torch.empty((BIG_ROWS, MERGED_WIDTH), dtype=torch.float32).fill_(0.5)
+    baseline = _rss_mb()
+    cpu, start = _cpu(), time.perf_counter()
+    with open(nucleotide, "rb") as f:
+        a = f.read()
+    with open(protein, "rb") as f:
+        b = f.read()
+    read = time.perf_counter()
+    with open(output, "wb") as f:
+        torch.save(data, f)
+        f.flush()
+        written = time.perf_counter()
+        os.fsync(f.fileno())
+    synced = time.perf_counter()
+    del a, b
+    return {
+        "seconds": synced - start,  # the floor: read + save + fsync
+        "cpu": _cpu() - cpu,
+        "read": read - start, "save": written - read, "fsync": synced - written,
+        "no_fsync": written - start,
+        "baseline_mb": baseline, "peak_mb": _peak_mb(),
+    }
+
+
+def child_engine(folder: str, output: str, scheduler: str, workers: int,
+                 partition_size: int | None) -> dict:
+    import dask_merge
+    from dask_merge import engine
+
+    planned = dask_merge.plan(folder, output_dir=output, force=True)
+    tasks = len(engine._partitions(planned.pending, partition_size, workers))
+    report = planned.execute(scheduler, workers=workers, progress=False,
+                             partition_size=partition_size, dashboard_address="127.0.0.1:0")
+    if not report.ok or report.counts["merged"] != len(planned.pending):
+        raise SystemExit(f"run failed: {report.summary()}")
+    return {"seconds": report.seconds, "pairs": len(planned.pending), "tasks": tasks,
+            "peak_mb": _peak_mb(), "children_peak_mb": _children_peak_mb()}
+
+
+CHILDREN = {"upstream": child_upstream, "merge": child_merge, "floor": child_floor,
+            "engine": child_engine}
+
+
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _our_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_child(kind: str, *args, timeout: float = 3600) -> dict:
+    """Run one variant in a fresh interpreter; return what it measured.
+
+    Also how busy the rest of the machine was meanwhile (``others_cores``:
+    CPU used by processes that are not this variant, in cores): timings
+    taken beside a busy neighbour are not worth much.
+    """
+    command = [sys.executable, __file__, "--child", json.dumps([kind, *args])]
+    busy, ours, start = _busy_seconds(), _our_cpu_seconds(), time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    wall = time.perf_counter() - start
+    if done.returncode:
+        raise RuntimeError(f"{kind} {args} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    ours = _our_cpu_seconds() - ours
+    result["cpu_total"] = ours  # the variant's process tree, start-up included
+    result["others_cores"] = max(0.0, (_busy_seconds() - busy - ours) / wall)
+    return result
+
+
+# --- the parts -----------------------------------------------------------------------
+
+
+def median(runs: list[dict], key: str = "seconds") -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def spread(runs: list[dict], key: str = "seconds") -> str:
+    values = [r[key] for r in runs]
+    return f"{min(values):.3f}-{max(values):.3f}"
+
+
+def bench_kernel(repeat: int) -> dict:
+    nucleotide, protein = big_pair()
+    out = DATA / "kernel-out"
+    out.mkdir(exist_ok=True)
+    outputs = {"upstream": str(out / "upstream_merged.pt"), "merge": str(out / "big_merged.pt"),
+               "floor": str(out / "floor.pt")}
+    runs: dict[str, list[dict]] = {k: [] for k in outputs}
+    for i in range(repeat):  # interleaved, so drift hits every variant alike
+        for kind, output in outputs.items():
+            runs[kind].append(run_child(kind, nucleotide, protein, output))
+            r = runs[kind][-1]
+            _log(f"kernel {i + 1}/{repeat} {kind:8s} {r['seconds']:7.3f} s  cpu {r['cpu']:7.3f} s  "
+                 f"peak {r['peak_mb']:6.0f} MiB  (others used {r['others_cores']:.1f} cores)")
+    return {"runs": runs, "identical": verify(outputs["upstream"], outputs["merge"]),
+            "sizes_mb": {"nucleotide": os.path.getsize(nucleotide) / 2**20,
+                         "protein": os.path.getsize(protein) / 2**20,
+                         "merged": os.path.getsize(outputs["merge"]) / 2**20}}
+
+
+def verify(upstream: str, merged: str) -> dict:
+    import torch
+
+    a = torch.load(upstream, weights_only=True)
+    b = torch.load(merged, weights_only=True)
+    return {
+        "ids": a["ids"] == b["ids"],
+        "data": bool(a["data"].dtype == b["data"].dtype and a["data"].shape == b["data"].shape
+                     and torch.equal(a["data"], b["data"])),
+        "rows": len(b["ids"]), "shape": list(b["data"].shape),
+    }
+
+
+def bench_engine(name: str, folder: Path, configs: list[tuple], repeat: int) -> dict:
+    out = folder.parent / "out"
+    out.mkdir(exist_ok=True)
+    runs: dict[str, list[dict]] = {}
+    for i in range(repeat):
+        for label, scheduler, workers, partition_size in configs:
+            result = run_child("engine", str(folder), str(out), scheduler, workers, partition_size)
+            runs.setdefault(label, []).append(result)
+            _log(f"{name} {i + 1}/{repeat} {label:24s} {result['seconds']:7.3f} s  "
+                 f"({result['pairs']} pairs, {result['tasks']} tasks; "
+                 f"others used {result['others_cores']:.1f} cores)")
+    return runs
+
+
+def bench_scaling(repeat: int, pairs: int) -> dict:
+    folder = scaling_set(pairs)
+    configs = [("processes, 1 worker", "processes", 1, None),
+               ("processes, 2 workers", "processes", 2, None)]
+    return {"pairs": pairs, "runs": bench_engine("scaling", folder, configs, repeat)}
+
+
+def bench_overhead(repeat: int, pairs: int) -> dict:
+    folder = tiny_set(pairs)
+    configs = [
+        ("sync", "sync", 1, None),
+        ("processes, 2w, auto", "processes", 2, None),
+        ("processes, 2w, 1/task", "processes", 2, 1),
+        ("local, 2w, auto", "local", 2, None),
+        ("local, 2w, 1/task", "local", 2, 1),
+    ]
+    return {"pairs": pairs, "runs": bench_engine("overhead", folder, configs, repeat)}
+
+
+# --- reporting -----------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import dask
+    import distributed
+    import numpy
+
+    info = {"nproc": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+            "dask": dask.__version__, "distributed": distributed.__version__,
+            "numpy": numpy.__version__, "kernel": platform.release()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+    except ImportError:
+        info["torch"] = "-"
+    with open("/proc/cpuinfo") as f:
+        models = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    info["cpu"] = models[0] if models else platform.processor()
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
+    info["ram_gib"] = round(total / 2**20, 1)
+    try:
+        info["commit"] = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=HERE, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        info["commit"] = "?"
+    return info
+
+
+def _goal(met: bool) -> str:
+    return "met" if met else "**NOT met**"
+
+
+def report(results: dict) -> str:
+    m = results["machine"]
+    lines = [
+        f"Machine: {m['nproc']} cores ({m['cpu']}), {m['ram_gib']} GiB RAM; Linux {m['kernel']}; "
+        f"Python {m['python']}, torch {m['torch']}, dask {m['dask']}, distributed "
+        f"{m['distributed']}, numpy {m['numpy']}; dask_merge {m['commit']}. "
+        f"{results['repeat']} repetitions, each in a fresh process: medians (min-max). "
+        "'others' = CPU cores that other processes on the machine used meanwhile (median).",
+        "",
+        "| benchmark | variant | seconds | CPU s | peak RSS MiB | result | goal |",
+        "| --- | --- | ---: | ---: | ---: | --- | --- |",
+    ]
+
+    def others(runs: dict) -> str:
+        return f"others {median([r for v in runs.values() for r in v], 'others_cores'):.1f} cores"
+
+    kernel = results.get("kernel")
+    if kernel:
+        runs = kernel["runs"]
+        up, mp, fl = (median(runs[k]) for k in ("upstream", "merge", "floor"))
+        cpu = {k: median(runs[k], "cpu") for k in runs}
+        no_sync = median(runs["floor"], "no_fsync")
+        peak = {k: median(runs[k], "peak_mb") for k in runs}
+        above = {k: peak[k] - median(runs[k], "baseline_mb") for k in runs}
+        sizes = kernel["sizes_mb"]
+        same = kernel["identical"]
+        lines += [
+            f"| kernel: 10,000-row pair ({sizes['nucleotide']:.0f} + {sizes['protein']:.0f} MB "
+            f"-> {sizes['merged']:.0f} MB); {others(runs)} | upstream (torch.load, per-row "
+            f"tensor + cat, stack, torch.save) | {up:.2f} ({spread(runs['upstream'])}) | "
+            f"{cpu['upstream']:.2f} | {peak['upstream']:.0f} ({above['upstream']:.0f} above imports) | | |",
+            f"| | dask_merge.merge_pair | {mp:.3f} ({spread(runs['merge'])}) | {cpu['merge']:.3f} | "
+            f"{peak['merge']:.0f} ({above['merge']:.0f} above imports) | **{up / mp:.1f}x** faster "
+            f"than upstream (CPU {cpu['upstream'] / cpu['merge']:.1f}x) | >= {GOALS['speedup']:g}x: "
+            f"{_goal(up / mp >= GOALS['speedup'])} |",
+            f"| | I/O floor: read inputs + torch.save + fsync | {fl:.3f} ({spread(runs['floor'])}) | "
+            f"{cpu['floor']:.3f} | {peak['floor']:.0f} | merge_pair / floor **{mp / fl:.2f}x** "
+            f"(without fsync {mp / no_sync:.2f}x) | <= {GOALS['floor']:g}x: "
+            f"{_goal(mp / fl <= GOALS['floor'])} |",
+            f"| | floor parts: read / torch.save / fsync | {median(runs['floor'], 'read'):.3f} / "
+            f"{median(runs['floor'], 'save'):.3f} / {median(runs['floor'], 'fsync'):.3f} | | | | |",
+            f"| | peak RSS merge_pair / upstream | | | | **{peak['merge'] / peak['upstream']:.2f}x** "
+            f"(above imports {above['merge'] / above['upstream']:.2f}x) | <= {GOALS['rss']:g}x: "
+            f"{_goal(peak['merge'] / peak['upstream'] <= GOALS['rss'])} |",
+            f"| | outputs bit-identical (ids, torch.equal) | | | | ids {same['ids']}, data "
+            f"{same['data']}, shape {tuple(same['shape'])} | {_goal(same['ids'] and same['data'])} |",
+        ]
+    scaling = results.get("scaling")
+    if scaling:
+        runs, pairs = scaling["runs"], scaling["pairs"]
+        one, two = runs["processes, 1 worker"], runs["processes, 2 workers"]
+        t1, t2 = median(one), median(two)
+        lines += [
+            f"| scaling: {pairs} big pairs, processes; {others(runs)} | 1 worker | {t1:.2f} "
+            f"({spread(one)}) | {median(one, 'cpu_total'):.1f} | {median(one, 'children_peak_mb'):.0f} "
+            f"per worker | {pairs / t1:.2f} pairs/s | |",
+            f"| | 2 workers | {t2:.2f} ({spread(two)}) | {median(two, 'cpu_total'):.1f} | "
+            f"{median(two, 'children_peak_mb'):.0f} per worker | {pairs / t2:.2f} pairs/s, "
+            f"**{t1 / t2:.2f}x** | >= {GOALS['scaling']:g}x: {_goal(t1 / t2 >= GOALS['scaling'])} |",
+        ]
+    overhead = results.get("overhead")
+    if overhead:
+        runs, pairs = overhead["runs"], overhead["pairs"]
+        sync = median(runs["sync"])
+        first = True
+        for label, r in runs.items():
+            t = median(r)
+            note = f"{pairs / t:.0f} pairs/s, {1000 * t / pairs:.2f} ms/pair, {r[0]['tasks']} tasks"
+            goal = ""
+            if label != "sync":
+                note += f", **{sync / t:.2f}x** sync"
+            if label == "processes, 2w, auto":
+                goal = f">= {GOALS['overhead']:g}x: {_goal(sync / t >= GOALS['overhead'])}"
+            what = f"overhead: {pairs} tiny pairs (10 rows); {others(runs)}" if first else ""
+            first = False
+            lines.append(f"| {what} | {label} | {t:.2f} ({spread(r)}) | "
+                         f"{median(r, 'cpu_total'):.1f} | | {note} | {goal} |")
+        for scheduler in ("processes", "local"):
+            auto, single = runs[f"{scheduler}, 2w, auto"], runs[f"{scheduler}, 2w, 1/task"]
+            extra = single[0]["tasks"] - auto[0]["tasks"]
+            if extra > 0:
+                per_task = 1000 * (median(single) - median(auto)) / extra
+                cpu_task = 1000 * (median(single, "cpu_total") - median(auto, "cpu_total")) / extra
+                lines.append(
+                    f"| | {scheduler}: partition_size=1 vs auto | | | | "
+                    f"{per_task:.2f} ms wall, {cpu_task:.2f} CPU-ms per extra task | |"
+                )
+    return "\n".join(lines)
+
+
+# --- main -----------------------------------------------------------------------------
+
+
+def profile() -> None:
+    import cProfile
+    import pstats
+
+    from dask_merge import merge_pair
+
+    nucleotide, protein = big_pair()
+    output = str(DATA / "kernel-out" / "profile_merged.pt")
+    (DATA / "kernel-out").mkdir(exist_ok=True)
+    merge_pair(nucleotide, protein, output)  # warm the page cache
+    profiler = cProfile.Profile()
+    profiler.enable()
+    merge_pair(nucleotide, protein, output)
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(30)
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, help="repetitions of each variant (default 5, quick 2)")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 repetitions, 4 scaling pairs, 200 tiny pairs")
+    parser.add_argument("--only", choices=["kernel", "scaling", "overhead"], action="append",
+                        help="run only this part (repeatable)")
+    parser.add_argument("--scaling-pairs", type=int, help="big pairs for scaling (default 16)")
+    parser.add_argument("--tiny-pairs", type=int, help="tiny pairs for overhead (default 2000)")
+    parser.add_argument("--profile", action="store_true", help="cProfile merge_pair on the big pair")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        kind, *rest = json.loads(args.child)
+        print(json.dumps(CHILDREN[kind](*rest)))
+        return
+    DATA.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        profile()
+        return
+    repeat = args.repeat or (2 if args.quick else 5)
+    parts = args.only or ["kernel", "scaling", "overhead"]
+    scaling_pairs = args.scaling_pairs or (4 if args.quick else 16)
+    tiny_pairs = args.tiny_pairs or (200 if args.quick else 2000)
+
+    # Make every input first, so that no timing runs beside a writer.
+    if "kernel" in parts or "scaling" in parts:
+        big_pair()
+    if "scaling" in parts:
+        scaling_set(scaling_pairs)
+    if "overhead" in parts:
+        tiny_set(tiny_pairs)
+
+    results: dict = {"machine": machine(), "repeat": repeat, "argv": sys.argv[1:]}
+    started = time.perf_counter()
+    if "kernel" in parts:
+        results["kernel"] = bench_kernel(repeat)
+    if "scaling" in parts:
+        results["scaling"] = bench_scaling(repeat, scaling_pairs)
+    if "overhead" in parts:
+        results["overhead"] = bench_overhead(repeat, tiny_pairs)
+    results["bench_seconds"] = time.perf_counter() - started
+
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (RESULTS / f"bench-{stamp}.json").write_text(json.dumps(results, indent=1))
+    print(report(results))
+    _log(f"raw results: {RESULTS / f'bench-{stamp}.json'}; {results['bench_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
