@@ -254,7 +254,7 @@ class Plan:
         folders |= {os.path.join(f, RECORD_FOLDER) for f in folders}  # and the records'
         for folder in folders:
             # A killed run's temporaries go now; one a live writer holds, never.
-            remove_stale_temporaries(folder, written_min_age=0)
+            remove_stale_temporaries(folder)
         partitions = _partitions(self.pending, partition_size, workers)
         dashboard = None
         try:
@@ -278,10 +278,10 @@ class Plan:
             # The pool or cluster is down by now; what its workers were
             # writing is unlocked and can go at once.
             for folder in folders:
-                remove_stale_temporaries(folder, min_age=0)
+                remove_stale_temporaries(folder)
             raise
         for folder in folders:  # left by workers that died mid-write (and were retried)
-            remove_stale_temporaries(folder, written_min_age=0)
+            remove_stale_temporaries(folder)
         order = {p.name: i for i, p in enumerate(self.pending)}
         records.sort(key=lambda r: order[r.name])
         return Report(skipped + records, self.unpaired, time.perf_counter() - start,

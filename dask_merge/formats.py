@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -231,9 +230,10 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
 
     ``write`` fills a temporary file in the same folder, which is flushed,
     fsynced and renamed over ``path`` (atomic on POSIX).  Concurrent writers
-    of one path each rename a complete file; the last one wins.  While it is
-    written, the temporary holds an exclusive lock, which tells
-    :func:`remove_stale_temporaries` that it is still in use.
+    of one path each rename a complete file; the last one wins.  From just
+    after its creation until its rename, the temporary holds an exclusive
+    lock: an unlocked temporary is a dead writer's, and
+    :func:`remove_stale_temporaries` removes it.
 
     Raises
     ------
@@ -242,14 +242,12 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
         left behind under either name.
     """
     folder, name = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(folder, f".{name}{_TEMPORARY_MARK}{uuid.uuid4().hex}")
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd, temporary = _locked_temporary(folder, name)
     except OSError as err:
         raise OutputError(f"{path}: cannot write in {folder} ({err.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -261,6 +259,19 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
             raise OutputError(f"{path}: cannot write ({err.strerror or err})") from None
         raise
     _fsync_folder(folder)
+
+
+def _locked_temporary(folder: str, name: str) -> tuple[int, str]:
+    """Create and lock a new temporary for ``name``; return its descriptor and path."""
+    while True:
+        temporary = os.path.join(folder, f".{name}{_TEMPORARY_MARK}{uuid.uuid4().hex}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        # Between creating and locking it, a cleaner may have taken the
+        # unlocked file for a dead writer's and removed it: start again.
+        if os.fstat(fd).st_nlink:
+            return fd, temporary
+        os.close(fd)
 
 
 def _fsync_folder(folder: str) -> None:
@@ -278,31 +289,23 @@ def is_temporary(name: str) -> bool:
     return _TEMPORARY_MARK in name
 
 
-def remove_stale_temporaries(folder: str, *, min_age: float = 60.0,
-                             written_min_age: float | None = None) -> list[str]:
-    """Remove temporaries left by killed runs in ``folder``; return their paths.
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Remove temporaries left by killed writers in ``folder``; return their paths.
 
-    A temporary is stale when no process holds its lock and it is older than
-    ``min_age`` seconds (the age closes the short gap between a writer
-    creating its temporary and locking it).  A writer locks its temporary
-    before it writes a byte, so an unlocked one with content is a dead
-    writer's: it is stale once ``written_min_age`` old (default ``min_age``;
-    0 removes it at once, safely even while other runs write).
+    A temporary that no process holds locked is a dead writer's (see
+    :func:`atomic_write`): it goes, whatever its age, and it is safe to call
+    this while other runs write into ``folder``.
     """
-    written_min_age = min_age if written_min_age is None else written_min_age
     removed = []
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(folder):
             if not is_temporary(entry.name):
                 continue
             with contextlib.suppress(FileNotFoundError, BlockingIOError, PermissionError):
-                age = time.time() - entry.stat().st_mtime
-                if age < min(min_age, written_min_age):
-                    continue
                 with open(entry.path, "rb") as f:
                     fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    # Under the lock the size cannot grow: a writer waits for it.
-                    if age < (written_min_age if os.fstat(f.fileno()).st_size else min_age):
+                    # Still the file opened (not renamed away and replaced)?
+                    if os.stat(entry.path).st_ino != os.fstat(f.fileno()).st_ino:
                         continue
                     os.unlink(entry.path)
                 removed.append(entry.path)

@@ -8,7 +8,6 @@ import math
 import os
 import struct
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -414,32 +413,43 @@ def test_an_unwritable_output_folder_is_an_output_error(tmp_path, good):
 
 
 def test_remove_stale_temporaries(tmp_path):
-    old = time.time() - 3600
-
-    def temporary(tag, age=old):
+    def temporary(tag, content=b"partial"):
         path = tmp_path / f".x_{tag}_merged.pt.dask-merge-tmp-{tag}"
-        path.write_bytes(b"partial")
-        os.utime(path, (age, age))
+        path.write_bytes(content)
         assert is_temporary(path.name)
         return path
 
-    stale = temporary("stale")
-    locked = temporary("locked")
-    young = temporary("young", time.time())
+    stale, empty, locked = temporary("stale"), temporary("empty", b""), temporary("locked")
     keeper = tmp_path / "x_merged.pt"
     keeper.write_bytes(b"done")
-    os.utime(keeper, (old, old))
     with open(locked, "rb") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # a live writer in this or another process
         removed = remove_stale_temporaries(str(tmp_path))
-        assert removed == [str(stale)]
-        assert not stale.exists() and locked.exists() and young.exists() and keeper.exists()
-    # once the writer is gone, the old one is stale too; the young one still waits
+        assert sorted(removed) == sorted([str(stale), str(empty)])
+        assert not stale.exists() and not empty.exists() and locked.exists() and keeper.exists()
+    # once the writer is gone, its temporary is stale too; outputs are never touched
     assert remove_stale_temporaries(str(tmp_path)) == [str(locked)]
-    assert young.exists()
-    assert remove_stale_temporaries(str(tmp_path), min_age=0) == [str(young)]
     assert files_in(tmp_path) == ["x_merged.pt"]
     assert remove_stale_temporaries(str(tmp_path / "gone")) == []
+
+
+def test_a_writer_whose_new_temporary_is_cleaned_away_starts_again(tmp_path, monkeypatch):
+    # A cleaner can find a temporary in the instant between its creation and
+    # its lock, and remove it as a dead writer's: the writer must notice.
+    from dask_merge import formats
+
+    real_flock, raced = fcntl.flock, []
+
+    def flock_after_a_cleaner(fd, operation):
+        if not raced and operation == fcntl.LOCK_EX:
+            raced.extend(remove_stale_temporaries(str(tmp_path)))
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(formats.fcntl, "flock", flock_after_a_cleaner)
+    formats.atomic_write(str(tmp_path / "a.pt"), lambda f: f.write(b"complete"))
+    assert len(raced) == 1 and is_temporary(os.path.basename(raced[0]))
+    assert (tmp_path / "a.pt").read_bytes() == b"complete"
+    assert files_in(tmp_path) == ["a.pt"]
 
 
 def test_merge_emits_no_warnings_on_special_values(tmp_path):

@@ -136,14 +136,11 @@ def assert_all_gone(processes: list[psutil.Process], timeout: float = 10) -> Non
     assert not alive, f"stray processes: {[(p.pid, p.cmdline()) for p in alive]}"
 
 
-def assert_resumes(features: Path, out: Path, inputs: Inputs, *, pairs: int = STEMS,
-                   killed: bool = False) -> None:
+def assert_resumes(features: Path, out: Path, inputs: Inputs, *, pairs: int = STEMS) -> None:
     """A rerun merges exactly the pairs without an output, skips the others.
 
-    After it, no temporary is left.  Only after a SIGKILL may one stay: the
-    empty one of a writer killed between creating its temporary and writing
-    its first bytes, which is indistinguishable from a live writer between
-    creating and locking it; it goes once a minute old (see
+    After it, no temporary is left, not even the empty one of a writer killed
+    between creating its temporary and writing its first bytes (see
     test_a_killed_writers_temporary_goes_at_once_a_live_ones_never).
     """
     done = merged_stems(out)
@@ -154,10 +151,7 @@ def assert_resumes(features: Path, out: Path, inputs: Inputs, *, pairs: int = ST
     assert {r.name for r in report.records if r.status == "skipped"} == done
     assert merged_stems(out) == {f"chunk_{k}" for k in range(pairs)}
     assert_outputs_correct(out, features, inputs.expected)
-    left = temporaries(out)
-    if killed:  # at most one per killed worker, and empty
-        left = [p for p in left if p.stat().st_size > 0 or len(left) > 2]
-    assert left == []
+    assert temporaries(out) == []
 
 
 # --- 1. SIGKILL of the whole run ------------------------------------------------------------
@@ -178,7 +172,7 @@ def test_sigkill_of_the_whole_run_loses_nothing_and_the_rerun_resumes(inputs, tm
     # What is under a final name is complete and right; temporaries are never
     # outputs (the rerun skips exactly the final names) and the rerun removes them.
     assert_outputs_correct(out, features, inputs.expected)
-    assert_resumes(features, out, inputs, killed=True)
+    assert_resumes(features, out, inputs)
 
 
 def test_a_killed_writers_temporary_goes_at_once_a_live_ones_never(inputs, tmp_path):
@@ -204,8 +198,8 @@ def test_a_killed_writers_temporary_goes_at_once_a_live_ones_never(inputs, tmp_p
     killed.kill()
     killed.wait()
     live = writer("chunk_1_merged.pt")
-    # What a writer between creating its temporary and locking it leaves:
-    # empty, unlocked, young (atomic_write's os.open, before its flock).
+    # What a writer killed between creating its temporary and writing to it
+    # leaves: empty and unlocked.
     os.close(os.open(out / ".chunk_2_merged.pt.dask-merge-tmp-0123", os.O_WRONLY | os.O_CREAT, 0o644))
     try:
         before = temporaries(out)
@@ -214,19 +208,14 @@ def test_a_killed_writers_temporary_goes_at_once_a_live_ones_never(inputs, tmp_p
                                 progress=False)
         assert report.counts == {"merged": 4, "skipped": 0, "failed": 0}
         assert_outputs_correct(out, features, inputs.expected)
-        # The dead writer's temporary went at once; the live writer's stays,
-        # and so does the empty one while it is young.
+        # The dead writers' temporaries went at once; the live writer's stays.
         left = temporaries(out)
-        assert [p.name.split(".dask")[0] for p in left] == [".chunk_1_merged.pt", ".chunk_2_merged.pt"]
+        assert [p.name.split(".dask")[0] for p in left] == [".chunk_1_merged.pt"]
         assert live.poll() is None
     finally:
         live.kill()
         live.wait()
-    # Once their writers are dead, the next run removes them too (the empty
-    # one, which could be a writer between creating and locking it, once old).
-    old = time.time() - 120
-    for path in temporaries(out):
-        os.utime(path, (old, old))
+    # Once its writer is dead, the next run removes it too.
     report = dask_merge.run(features, output_dir=out, scheduler="sync", progress=False, force=True)
     assert report.counts["merged"] == 4 and temporaries(out) == []
 
