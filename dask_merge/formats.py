@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .archive import FloatRun, TensorRef, TorchArchive, short_repr, write_archive
+from .archive import ArrayBlocks, FloatRun, TensorRef, TorchArchive, short_repr, write_archive
 from .errors import FileFormatError, OutputError
 
 NUCLEOTIDE_SUFFIX = "_DNABERT_S.pt"
@@ -123,16 +123,9 @@ def read_features(path: str | os.PathLike[str], kind: str) -> FeatureFile:
             f"{path}: {len(ids)} ids in {ids_key!r} but {len(rows)} vectors in 'data'"
         )
     _check_unique(path, ids, ids_key)
-    check = _nucleotide_vector if kind == "nucleotide" else _protein_vector
-    vectors, widths = zip(*(check(path, i, v) for i, v in zip(ids, rows))) if ids else ((), ())
-    width = widths[0] if widths else 0
-    for i, w in zip(ids, widths):
-        if w != width:
-            raise FileFormatError(
-                f"{path}: the vector of id {i!r} has {w} values, the first ({ids[0]!r}) has {width}"
-            )
-    fast = all(_is_fast(v) for v in vectors)
-    return FeatureFile(path, ids, width, fast, archive, list(vectors))
+    vectors, width = (_nucleotide_vectors if kind == "nucleotide" else _protein_vectors)(path, ids, rows)
+    fast = all(map(_is_fast, vectors))
+    return FeatureFile(path, ids, width, fast, archive, vectors)
 
 
 def _check_layout(path: str, obj: object, kind: str) -> None:
@@ -151,6 +144,8 @@ def _check_layout(path: str, obj: object, kind: str) -> None:
 
 
 def _check_unique(path: str, ids: list, key: str) -> None:
+    if {*map(type, ids)} <= {str} and len(set(ids)) == len(ids):
+        return  # the common case, checked at C speed
     seen: set[str] = set()
     for i in ids:
         if type(i) is not str:
@@ -158,6 +153,46 @@ def _check_unique(path: str, ids: list, key: str) -> None:
         if i in seen:
             raise FileFormatError(f"{path}: id {i!r} appears twice in {key!r}")
         seen.add(i)
+
+
+# Each layout has a check of the whole file at C speed (sets of types and
+# sizes) for the common case, and a check row by row that names the id at
+# fault when the first finds anything amiss.
+
+
+def _nucleotide_vectors(path: str, ids: list[str], rows: list) -> tuple[list, int]:
+    """The vectors (lists of floats and FloatRuns) and their common width."""
+    if {*map(type, rows)} <= {dict}:
+        labels = [row.get("label", seq_id) for row, seq_id in zip(rows, ids)]
+        vectors = [row.get("mean_representation") for row in rows]
+        if labels == ids and {*map(type, vectors)} <= {list} and {*map(len, vectors)} == {1}:
+            runs = [v[0] for v in vectors]
+            if {*map(type, runs)} == {FloatRun} and len({run.count for run in runs}) == 1:
+                return vectors, runs[0].count
+    checked = [_nucleotide_vector(path, seq_id, row) for seq_id, row in zip(ids, rows)]
+    return [v for v, _ in checked], _common_width(path, ids, [w for _, w in checked])
+
+
+def _protein_vectors(path: str, ids: list[str], rows: list) -> tuple[list, int]:
+    """The vectors (TensorRefs) and their common width."""
+    if {*map(type, rows)} <= {TensorRef}:
+        shapes = {row.shape for row in rows}
+        if len(shapes) == 1 and len(next(iter(shapes))) == 1 and (
+            {row.storage.dtype for row in rows} == {np.dtype("<f4")}
+        ):
+            return rows, next(iter(shapes))[0]
+    widths = [_protein_vector(path, seq_id, row) for seq_id, row in zip(ids, rows)]
+    return rows, _common_width(path, ids, widths)
+
+
+def _common_width(path: str, ids: list[str], widths: list[int]) -> int:
+    for seq_id, width in zip(ids, widths):
+        if width != widths[0]:
+            raise FileFormatError(
+                f"{path}: the vector of id {seq_id!r} has {width} values, "
+                f"the first ({ids[0]!r}) has {widths[0]}"
+            )
+    return widths[0] if widths else 0
 
 
 def _nucleotide_vector(path: str, seq_id: str, row: object) -> tuple[list, int]:
@@ -175,7 +210,7 @@ def _nucleotide_vector(path: str, seq_id: str, row: object) -> tuple[list, int]:
     return values, sum(v.count if type(v) is FloatRun else 1 for v in values)
 
 
-def _protein_vector(path: str, seq_id: str, row: object) -> tuple[TensorRef, int]:
+def _protein_vector(path: str, seq_id: str, row: object) -> int:
     if type(row) is not TensorRef or len(row.shape) != 1:
         shape = getattr(row, "shape", type(row).__name__)
         raise FileFormatError(f"{path}: the vector of id {seq_id!r} is not a 1-D tensor ({shape})")
@@ -183,7 +218,7 @@ def _protein_vector(path: str, seq_id: str, row: object) -> tuple[TensorRef, int
         raise FileFormatError(
             f"{path}: the vector of id {seq_id!r} is {row.storage.dtype}, expected float32"
         )
-    return row, row.shape[0]
+    return row.shape[0]
 
 
 def _is_fast(vector: object) -> bool:
@@ -211,7 +246,8 @@ def label_value(label: str | int | None) -> list[int] | None:
         raise ValueError(f"label {label!r} is not 'viral', 'host' or an integer") from None
 
 
-def write_merged(path: str, ids: list[str], data: np.ndarray, labels: list[int] | None) -> None:
+def write_merged(path: str, ids: list[str], data: np.ndarray | ArrayBlocks,
+                 labels: list[int] | None) -> None:
     """Write a merged feature file atomically; it loads with plain ``torch.load``."""
     content: dict[str, object] = {"ids": ids, "data": data}
     if labels is not None:

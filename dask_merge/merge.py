@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
+from .archive import ArrayBlocks
 from .errors import MispairedError
 from .formats import label_value, read_features, write_merged
 
 EXAMPLES = 5  # how many dropped ids a result names
+BLOCK_BYTES = 4 << 20  # output rows are assembled and written in blocks of this size
 
 
 @dataclass(frozen=True)
@@ -93,10 +96,21 @@ def merge_pair(
         )
 
     width = nucleotide.width
-    data = np.empty((len(ids), width + protein.width), np.float32)
-    nucleotide.fill(data[:, :width], nucleotide_rows)
-    protein.fill(data[:, width:], protein_rows)
-    write_merged(output_file, ids, data, labels)
+    shape = (len(ids), width + protein.width)
+
+    def blocks() -> Iterator[np.ndarray]:
+        # Rows are assembled a block at a time into one small buffer, which
+        # is written while still in the CPU's cache: the whole output never
+        # sits in memory.
+        step = max(1, BLOCK_BYTES // (4 * shape[1] or 1))
+        buffer = np.empty((min(step, shape[0]), shape[1]), np.float32)
+        for start in range(0, shape[0], step):
+            block = buffer[: min(step, shape[0] - start)]
+            nucleotide.fill(block[:, :width], nucleotide_rows[start : start + step])
+            protein.fill(block[:, width:], protein_rows[start : start + step])
+            yield block
+
+    write_merged(output_file, ids, ArrayBlocks(shape, np.dtype(np.float32), blocks()), labels)
     return MergeResult(
         output=output_file,
         rows=len(ids),
