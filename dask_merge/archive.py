@@ -549,9 +549,10 @@ class _Unpickler:
                 else:
                     raise self._refuse(pos - 1, f"opcode {bytes([op])!r}")
             raise self._broken(pos, "the pickle ends without STOP (truncated file?)")
-        except (IndexError, KeyError, struct.error) as err:
+        except (IndexError, KeyError, struct.error, UnicodeDecodeError) as err:
             # Popping an empty stack or mark list, a memo index never stored,
-            # or reading past the end: all mean a truncated or forged pickle.
+            # reading past the end, a string that is not UTF-8: all mean a
+            # truncated or forged pickle.
             raise self._broken(pos, f"{type(err).__name__}: {err} (truncated file?)") from None
 
     def _float_run(self, begin: int) -> tuple[FloatRun | None, int]:

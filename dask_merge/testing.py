@@ -33,7 +33,8 @@ def write_protein_file(path: str | os.PathLike[str], ids: Sequence[str], vectors
     """Write an ESM-2 file: one 1-D float32 tensor per id, as upstream does."""
     import torch
 
-    tensors = [torch.as_tensor(np.asarray(v, np.float32)).clone() for v in vectors]
+    with np.errstate(over="ignore"):  # rounding huge values to inf, as torch.tensor does
+        tensors = [torch.as_tensor(np.asarray(v, np.float32)).clone() for v in vectors]
     torch.save({"proteins": list(ids), "data": tensors}, path)
 
 

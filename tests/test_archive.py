@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from dask_merge import archive
 from dask_merge.archive import FloatRun, TensorRef, TorchArchive, write_archive
 from dask_merge.errors import FileFormatError
 
@@ -56,6 +57,18 @@ def test_write_archive_round_trip_through_torch_load(tmp_path, mmap):
             assert got.is_contiguous(), key
         else:
             assert loaded[key] == value, key
+
+
+def test_write_archive_takes_an_array_in_blocks(tmp_path):
+    whole = _sample(np.float32, (7, 3))
+    blocks = archive.ArrayBlocks(whole.shape, whole.dtype, (whole[i : i + 3] for i in range(0, 7, 3)))
+    _write(tmp_path / "whole.pt", {"data": whole}, name="x")
+    _write(tmp_path / "blocks.pt", {"data": blocks}, name="x")
+    assert (tmp_path / "whole.pt").read_bytes() == (tmp_path / "blocks.pt").read_bytes()
+    assert torch.equal(torch.load(tmp_path / "blocks.pt")["data"], torch.from_numpy(whole))
+    short = archive.ArrayBlocks(whole.shape, whole.dtype, iter([whole[:6]]))
+    with pytest.raises(ValueError, match="72 bytes given for an array of 84"):
+        _write(tmp_path / "short.pt", {"data": short})
 
 
 def test_write_archive_storages_are_aligned_for_mmap(tmp_path):
@@ -178,3 +191,101 @@ def test_reader_refuses_big_endian_archives(tmp_path):
     with pytest.raises(FileFormatError, match="big"):
         archive = TorchArchive.open(bad)
         archive.array(archive.load()["x"])
+
+
+# --- the record fast paths (issue 7) ----------------------------------------------------------
+#
+# After its first tensor (ESM) or row (DNABERT-S), the reader matches each
+# whole record at once instead of stepping through ~30 opcodes.  These tests
+# pin that it does so on upstream's files and that it never changes an
+# outcome: the same objects, or the same error, as the opcodes one by one.
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from dask_merge.testing import make_pair  # noqa: E402
+
+
+def _load(path_or_archive, *, fast: bool, monkeypatch=None):
+    """Load with the record fast paths on, or off (opcodes one by one); count their hits."""
+    taken = {"tensor": 0, "row": 0}
+    real = {"tensor": archive._Unpickler._tensor_record, "row": archive._Unpickler._row_record}
+
+    def counting(kind):
+        def record(self, *args):
+            found = real[kind](self, *args) if fast else None
+            taken[kind] += found is not None
+            return found
+        return record
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(archive._Unpickler, "_tensor_record", counting("tensor"))
+        patch.setattr(archive._Unpickler, "_row_record", counting("row"))
+        source = path_or_archive
+        if not isinstance(source, TorchArchive):
+            source = TorchArchive.open(source)
+        try:
+            return source.load(), taken
+        except FileFormatError as err:  # UnsafeFileError included
+            return (type(err), str(err)), taken
+
+
+def test_upstream_files_take_the_record_fast_paths(reference_set):
+    for name, kind in [("output_1_DNABERT_S.pt", "row"), ("output_1_ESM.pt", "tensor")]:
+        loaded, taken = _load(reference_set / name, fast=True)
+        rows = len(loaded["data"])
+        assert rows > 1 and taken[kind] == rows - 1, (name, taken)
+        assert loaded == _load(reference_set / name, fast=False)[0]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 40, 300])  # 40, 300: memo indices cross 255
+def test_record_fast_paths_give_what_the_opcodes_give(tmp_path, rows):
+    pair = make_pair(tmp_path, "p", rows=rows, nucleotide_width=5, protein_width=7,
+                     nucleotide_only=1, protein_only=1)
+    for path in (pair.nucleotide, pair.protein):
+        fast, taken = _load(path, fast=True)
+        assert fast == _load(path, fast=False)[0]
+        # Every record after the first, but one whose memo puts straddle
+        # index 255 (BINPUT, then LONG_BINPUT): it takes the opcodes.
+        assert sum(taken.values()) >= len(fast["data"]) - 2, taken
+    torch_loaded = torch.load(pair.protein)
+    assert [t.numpy().tolist() for t in torch_loaded["data"]] == [
+        TorchArchive.open(pair.protein).array(ref).tolist() for ref in fast["data"]
+    ]
+
+
+def test_a_record_whose_memo_get_names_another_global_is_refused_as_by_the_opcodes(tmp_path):
+    # Point the second tensor's storage-type get at the OrderedDict global: the
+    # record no longer matches torch's, the opcodes run and refuse it.
+    pair = make_pair(tmp_path, "p", rows=3, nucleotide_width=5, protein_width=7)
+    raw = bytearray(open(pair.protein, "rb").read())
+    source = TorchArchive(bytes(raw), pair.protein)
+    pickle = bytes(raw[source.pickle_offset : source.pickle_offset + source.pickle_size])
+    storage_type_put = pickle.index(b"ctorch\nFloatStorage\n") + len(b"ctorch\nFloatStorage\n")
+    odict_put = pickle.index(b"ccollections\nOrderedDict\n") + len(b"ccollections\nOrderedDict\n")
+    assert pickle[storage_type_put] == pickle[odict_put] == ord("q")
+    type_get = b"h" + pickle[storage_type_put + 1 : storage_type_put + 2]
+    second = pickle.index(type_get, odict_put)
+    at = source.pickle_offset + second + 1
+    raw[at] = pickle[odict_put + 1]
+    forged = TorchArchive(bytes(raw), pair.protein)
+    (error, message), taken = _load(forged, fast=True)
+    assert (error, message) == _load(forged, fast=False)[0]
+    assert error is archive.UnsafeFileError and "storage type" in message and taken["tensor"] == 0
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_record_fast_paths_never_change_the_outcome_of_a_damaged_pickle(tmp_path_factory, data):
+    folder = tmp_path_factory.mktemp("damaged")
+    pair = make_pair(folder, "p", rows=6, nucleotide_width=3, protein_width=4, seed=1)
+    path = data.draw(st.sampled_from([pair.nucleotide, pair.protein]))
+    raw = bytearray(open(path, "rb").read())
+    source = TorchArchive(bytes(raw), path)
+    for _ in range(data.draw(st.integers(1, 3))):
+        # Damage the records after the first, where the fast paths work.
+        at = data.draw(st.integers(source.pickle_offset + source.pickle_size // 3,
+                                   source.pickle_offset + source.pickle_size - 2))
+        raw[at] = data.draw(st.integers(0, 255))
+    damaged = TorchArchive(bytes(raw), path)
+    assert _load(damaged, fast=True)[0] == _load(damaged, fast=False)[0]

@@ -80,6 +80,21 @@ def test_golden_inputs_take_the_fast_path(reference_set):
     assert read_features(reference_set / "output_1_ESM.pt", "protein").fast
 
 
+@pytest.mark.parametrize("block_bytes", [1, 4 * 8 * 3, 4 * 8 * 5 + 1])
+def test_any_output_block_size_writes_the_same_file(tmp_path, monkeypatch, block_bytes):
+    # Rows are written in blocks (one row; three rows, one short final block; five).
+    from dask_merge import merge
+
+    pair = make_pair(tmp_path, "b", rows=11, nucleotide_width=3, protein_width=5)
+    whole, blocks = tmp_path / "whole" / "b_merged.pt", tmp_path / "blocks" / "b_merged.pt"
+    whole.parent.mkdir(), blocks.parent.mkdir()
+    merge_pair(pair.nucleotide, pair.protein, whole)
+    monkeypatch.setattr(merge, "BLOCK_BYTES", block_bytes)
+    merge_pair(pair.nucleotide, pair.protein, blocks)
+    assert whole.read_bytes() == blocks.read_bytes()
+    assert_matches_reference(pair.nucleotide, pair.protein, blocks)
+
+
 def test_golden_pairs_differ_in_protein_order_as_documented(reference_set):
     # test_with_orfs is the fixture that proves the join is by id, not by position.
     nucleotide = torch.load(reference_set / "output_1_DNABERT_S.pt")["nucleotide"]
