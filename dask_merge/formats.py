@@ -35,9 +35,9 @@ PROTEIN_SUFFIX = "_ESM.pt"
 MERGED_SUFFIX = "_merged.pt"
 
 _LAYOUTS = {
-    "nucleotide": ("DNABERT-S nucleotide", ("nucleotide", "data")),
-    "protein": ("ESM-2 protein", ("proteins", "data")),
-    "merged": ("merged feature", ("ids", "data")),
+    "nucleotide": ("a DNABERT-S nucleotide", ("nucleotide", "data")),
+    "protein": ("an ESM-2 protein", ("proteins", "data")),
+    "merged": ("a merged feature", ("ids", "data")),
 }
 LABELS = {"viral": 1, "host": 0}
 
@@ -137,10 +137,10 @@ def _check_layout(path: str, obj: object, kind: str) -> None:
     for other, (other_title, other_keys) in _LAYOUTS.items():
         if other != kind and type(obj) is dict and set(other_keys) <= set(obj):
             raise FileFormatError(
-                f"{path}: expected a {title} file (keys {list(keys)}), "
-                f"but this is a {other_title} file (keys {found})"
+                f"{path}: expected {title} file (keys {list(keys)}), "
+                f"but this is {other_title} file (keys {found})"
             )
-    raise FileFormatError(f"{path}: expected a {title} file with list values {list(keys)}, found {found}")
+    raise FileFormatError(f"{path}: expected {title} file with list values {list(keys)}, found {found}")
 
 
 def _check_unique(path: str, ids: list, key: str) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .archive import ArrayBlocks
+from .archive import ArrayBlocks, short_repr
 from .errors import MispairedError
 from .formats import label_value, read_features, write_merged
 
@@ -91,8 +91,9 @@ def merge_pair(
     protein_only = [seq_id for seq_id in protein.ids if seq_id in position]
     if not ids and (nucleotide.ids or protein.ids):
         raise MispairedError(
-            f"{nucleotide.path} ({len(nucleotide.ids)} ids) and {protein.path} "
-            f"({len(protein.ids)} ids) share no sequence id: not a pair"
+            f"{nucleotide.path} ({len(nucleotide.ids)} ids, e.g. {_examples(nucleotide.ids)}) and "
+            f"{protein.path} ({len(protein.ids)} ids, e.g. {_examples(protein.ids)}) "
+            "share no sequence id: not a pair"
         )
 
     width = nucleotide.width
@@ -122,3 +123,12 @@ def merge_pair(
         protein_only_examples=tuple(protein_only[:EXAMPLES]),
         seconds=time.perf_counter() - start,
     )
+
+
+def _examples(ids: list[str], count: int = 3) -> str:
+    """A few ids for a message.
+
+    >>> _examples(["a", "b", "c", "d"]), _examples([])
+    ("'a', 'b', 'c'", 'none')
+    """
+    return ", ".join(map(short_repr, ids[:count])) or "none"

@@ -157,6 +157,8 @@ def test_files_sharing_no_id_are_mispaired(tmp_path):
     with pytest.raises(MispairedError) as info:
         merge_pair(a.nucleotide, b.protein, out)
     assert str(a.nucleotide) in str(info.value) and str(b.protein) in str(info.value)
+    # ids from each side show how they differ (another sample, another naming)
+    assert repr(a.nucleotide_ids[0]) in str(info.value) and repr(b.protein_ids[0]) in str(info.value)
     assert isinstance(info.value, MergeError)
     assert not out.exists()
 
@@ -285,7 +287,7 @@ def test_swapped_inputs_are_named_as_such(tmp_path, good):
     # The protein side is read first: its message comes first.
     _expect(FileFormatError, good.nucleotide, "ESM-2 protein file", "this is a DNABERT-S nucleotide file",
             nucleotide=good.protein, protein=good.nucleotide, good=good, tmp_path=tmp_path)
-    _expect(FileFormatError, good.protein, "DNABERT-S nucleotide file", "this is a ESM-2 protein file",
+    _expect(FileFormatError, good.protein, "DNABERT-S nucleotide file", "this is an ESM-2 protein file",
             nucleotide=good.protein, good=good, tmp_path=tmp_path)
 
 
