@@ -22,7 +22,6 @@ which :func:`torch.load` turns into Python floats one by one.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import re
@@ -258,7 +257,7 @@ def _zip_entries(buffer: bytes) -> dict[str, tuple[int, int, int]]:
     alignment padding) differs from the central one.  Any inconsistency
     raises ``ValueError`` or ``struct.error``.
 
-    >>> import zipfile
+    >>> import io, zipfile
     >>> f = io.BytesIO()
     >>> with zipfile.ZipFile(f, "w") as z:
     ...     z.writestr("a/data.pkl", b"hello")
@@ -407,7 +406,6 @@ class _Unpickler:
 
     def run(self) -> object:  # noqa: C901 - one flat loop is what keeps it fast
         data, base, n = self.data, self.base, self.end
-        ops = np.frombuffer(data, np.uint8, count=n - base, offset=base)
         stack: list = []
         marks: list[int] = []
         memo: dict[int, object] = {}
@@ -827,6 +825,7 @@ def write_archive(file: BinaryIO, obj: Mapping[str, object], *, name: str = "arc
     dtypes in :data:`STORAGE_DTYPES`, which become tensors.  Nothing else: the
     output must load under ``torch.load``'s safe default.
 
+    >>> import io
     >>> buffer = io.BytesIO()
     >>> write_archive(buffer, {"ids": ["a"], "data": np.arange(4, dtype=np.float32).reshape(2, 2)})
     >>> saved = TorchArchive(buffer.getvalue(), "<memory>").load()

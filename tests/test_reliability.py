@@ -27,12 +27,10 @@ skip, but on CI (root in a container with CAP_SYS_ADMIN) they run.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -44,7 +42,7 @@ import pytest
 import torch
 
 import dask_merge
-from dask_merge.formats import is_temporary, remove_stale_temporaries
+from dask_merge.formats import is_temporary
 from dask_merge.plan import RECORD_FOLDER, checkpoint_state
 from dask_merge.testing import make_dataset, make_pair, reference_merge
 
@@ -247,7 +245,7 @@ def test_ctrl_c_stops_everything_cleans_up_and_the_rerun_resumes(inputs, tmp_pat
     assert_all_gone(children)
     assert "Traceback" not in stderr, stderr
     done = merged_stems(out)
-    assert f"interrupted after" in stderr
+    assert "interrupted after" in stderr
     assert f"{len(done)} pairs are done, {STEMS - len(done)} left" in stderr, stderr
     assert temporaries(out) == []
     assert_outputs_correct(out, features, inputs.expected)
