@@ -307,8 +307,10 @@ def _zip64_extra(extra: bytes, *fields: int) -> tuple[int, ...]:
     while position + 4 <= len(extra):
         tag, length = struct.unpack_from("<HH", extra, position)
         if tag == 1:
-            values = iter(struct.unpack_from(f"<{length // 8}Q", extra, position + 4))
-            return tuple(next(values) if f == 0xFFFFFFFF else f for f in fields)
+            values = list(struct.unpack_from(f"<{length // 8}Q", extra, position + 4))
+            if len(values) < fields.count(0xFFFFFFFF):
+                raise ValueError("a zip64 extra field too short for its member")
+            return tuple(values.pop(0) if f == 0xFFFFFFFF else f for f in fields)
         position += 4 + length
     raise ValueError("a zip64 member without its zip64 extra field")
 
@@ -343,7 +345,7 @@ _TENSOR_RECORD = re.compile(
 
 # A DNABERT-S row after the first, from the opcode after its EMPTY_DICT up
 # to its first float: {label: ID, mean_representation: [...]}
-_ROW_RECORD = re.compile(rb"" + _PUT + rb"\(" + _GET + _GET + _GET + rb"\]" + _PUT + rb"\(G", re.DOTALL)
+_ROW_RECORD = re.compile(_PUT + rb"\(" + _GET + _GET + _GET + rb"\]" + _PUT + rb"\(G", re.DOTALL)
 
 
 def _get_index(raw: bytes) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import re
+import struct
 import zipfile
 
 import numpy as np
@@ -289,3 +291,54 @@ def test_record_fast_paths_never_change_the_outcome_of_a_damaged_pickle(tmp_path
         raw[at] = data.draw(st.integers(0, 255))
     damaged = TorchArchive(bytes(raw), path)
     assert _load(damaged, fast=True)[0] == _load(damaged, fast=False)[0]
+
+
+# --- the zip container ---------------------------------------------------------------------------
+
+
+def _zipfile_view(raw: bytes) -> dict[str, tuple[int, int, int]]:
+    """What zipfile makes of an archive, in _zip_entries' terms."""
+    entries = {}
+    with zipfile.ZipFile(io.BytesIO(raw)) as z:
+        for info in z.infolist():
+            name_length, extra_length = struct.unpack_from("<HH", raw, info.header_offset + 26)
+            entries[info.filename] = (info.compress_type, info.header_offset + 30 + name_length
+                                      + extra_length, info.file_size)
+    return entries
+
+
+@pytest.mark.parametrize("zip64", [False, True])
+def test_zip_directory_reads_like_zipfile(tmp_path, monkeypatch, zip64):
+    if zip64:  # every member then gets zip64 sizes and offsets, as in a file over 4 GiB
+        monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 16)
+        monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 2)
+    buffer = io.BytesIO()
+    write_archive(buffer, {"ids": ["a", "b"], "data": [_sample(np.float32, (5,), i) for i in range(9)]})
+    with zipfile.ZipFile(buffer, "a") as z:
+        z.comment = b"a comment, as a zip tool may add"
+    raw = buffer.getvalue()
+    # the central directory entries carry 0xFFFFFFFF and a zip64 extra field, or not
+    central = [m.start() for m in re.finditer(rb"PK\x01\x02", raw)]
+    wide = [struct.unpack_from("<L", raw, c + 42)[0] == 0xFFFFFFFF for c in central[1:]]
+    assert wide and all(wide) == zip64 and any(wide) == zip64
+    assert archive._zip_entries(raw) == _zipfile_view(raw)
+    loaded = TorchArchive(raw, "mem").load()
+    assert [TorchArchive(raw, "mem").array(r).tolist() for r in loaded["data"]][3] == (
+        _sample(np.float32, (5,), 3).tolist()
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_a_damaged_zip_directory_is_a_clear_error(data):
+    buffer = io.BytesIO()
+    write_archive(buffer, {"ids": ["a"], "data": [_sample(np.float32, (3,))]})
+    raw = bytearray(buffer.getvalue())
+    directory = raw.rindex(b"PK\x01\x02", 0, raw.rindex(b"PK\x05\x06"))
+    start = data.draw(st.sampled_from([0, directory - 200]))
+    for _ in range(data.draw(st.integers(1, 4))):
+        raw[data.draw(st.integers(start, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    try:
+        TorchArchive(bytes(raw), "damaged.pt").load()
+    except FileFormatError as err:
+        assert str(err).startswith("damaged.pt: ")
