@@ -387,10 +387,14 @@ def _input_bytes(pair: Pair) -> int:
 
 
 def _bag(partitions: list[list[Pair]], labels: list[int] | None) -> db.Bag:
-    """The bag of pair tuples, one partition per task, mapped to :func:`merge_pairs`."""
-    name = f"pairs-{tokenize(partitions)}"
-    bag = db.Bag({(name, i): list(part) for i, part in enumerate(partitions)}, name, len(partitions))
-    return bag.map_partitions(merge_pairs, labels, token=TASK_NAME)
+    """A bag with one task per partition, :func:`merge_pairs` of its pairs.
+
+    The pairs are the tasks' arguments, not keys of their own: the dashboard
+    and the progress widget count ``merge-pair`` tasks only.
+    """
+    name = f"{TASK_NAME}-{tokenize(partitions, labels)}"
+    graph = {(name, i): (merge_pairs, list(part), labels) for i, part in enumerate(partitions)}
+    return db.Bag(graph, name, len(partitions))
 
 
 # --- local schedulers --------------------------------------------------------------
@@ -570,25 +574,60 @@ def _run_distributed(client, partitions, labels, *, retries, progress, performan
     with report:
         futures = client.compute(_bag(partitions, labels).to_delayed(), retries=retries)
         index = {f.key: i for i, f in enumerate(futures)}
-        if progress:
-            _show_progress(futures)
+        shown = _show_progress(client, futures) if progress else None
+        # Waiting on futures blocks on a lock, not on the event loop: the
+        # client's IO loop (its own thread) keeps running, and with it the widget.
         for future in as_completed(futures):
             try:
                 records += future.result()
             except Exception as err:  # KilledWorker: the task killed its workers
                 why = f"the Dask worker died while merging ({type(err).__name__}: {err})"
                 records += _crashed(partitions[index[future.key]], why)
+        if shown is not None:
+            shown.finish()
     return records
 
 
-def _show_progress(futures) -> None:
-    from distributed import progress
+class _Widget:
+    """distributed's progress widget, listening on the client's IO loop.
 
-    from distributed.utils import is_kernel
+    ``progress(futures, notebook=True)`` schedules the widget's updates on
+    the kernel's event loop (``IOLoop.current()``), which the running cell
+    blocks until the run ends: the widget would stay empty.  A synchronous
+    client runs its own IO loop in a thread, and that one is free.
+    """
 
-    if is_kernel():
+    def __init__(self, client, futures):
+        import asyncio
+
+        from distributed.diagnostics.progressbar import progress
         from IPython.display import display
 
-        display(progress(futures, notebook=True))
-    else:
-        progress(futures, notebook=False)
+        self.bar = progress(futures, notebook=True, scheduler=client.scheduler.address)
+        display(self.bar.widget)
+        self.listening = asyncio.run_coroutine_threadsafe(self.bar.listen(),
+                                                          client.loop.asyncio_loop)
+
+    def finish(self, timeout: float = 10) -> None:
+        """Wait for the widget's last update (every task has ended by now)."""
+        import concurrent.futures
+
+        try:
+            self.listening.result(timeout)
+        except concurrent.futures.TimeoutError:
+            self.listening.cancel()
+        except Exception:  # the scheduler went away: the widget shows what it saw
+            pass
+
+
+def _show_progress(client, futures) -> _Widget | None:
+    """In a notebook, display the progress widget and return it; elsewhere, draw a
+    text bar until every task has ended (and return None)."""
+    from distributed.diagnostics.progressbar import progress
+    from distributed.utils import is_kernel
+
+    if is_kernel() and not client.asynchronous:
+        with contextlib.suppress(ImportError):  # no ipywidgets: the text bar
+            return _Widget(client, futures)
+    progress(futures, notebook=False, scheduler=client.scheduler.address)
+    return None

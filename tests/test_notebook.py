@@ -43,6 +43,44 @@ def tagged(nb, tag: str):
     return cells[0]
 
 
+def widget_states(nb) -> dict[str, dict]:
+    """model id -> state of every widget, as saved in the notebook's metadata."""
+    saved = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {})
+    return {model_id: model["state"] for model_id, model in saved.get("state", {}).items()}
+
+
+def widget_tree(states: dict[str, dict], model_id: str) -> list[dict]:
+    """The state of a widget and of all its descendants."""
+    found, stack = [], [model_id]
+    while stack:
+        state = states[stack.pop()]
+        found.append(state)
+        stack += [child.removeprefix("IPY_MODEL_") for child in state.get("children") or []]
+    return found
+
+
+def assert_progress_widget_complete(nb, tasks: int) -> None:
+    """The run cell shows distributed's progress widget, and it was drawn to the end.
+
+    The widget's final state is saved in the notebook metadata (nbclient
+    records every update the kernel sends while a cell runs): the merge-pair
+    bar is full and green and its counter reads ``tasks / tasks``.  A widget
+    that never updated is a VBox without children.
+    """
+    views = [out.data["application/vnd.jupyter.widget-view+json"]["model_id"]
+             for out in tagged(nb, "run").outputs
+             if "application/vnd.jupyter.widget-view+json" in out.get("data", {})]
+    assert len(views) == 1, f"expected one progress widget in the run cell, found {len(views)}"
+    tree = widget_tree(widget_states(nb), views[0])
+    bars = [s for s in tree if s.get("_model_name") == "FloatProgressModel"]
+    assert len(bars) == 1, f"expected one progress bar (merge-pair tasks), found {len(bars)}: {tree}"
+    assert bars[0]["value"] == bars[0]["max"] == 1.0 and bars[0]["bar_style"] == "success", bars[0]
+    texts = [s["value"] for s in tree if s.get("_model_name") == "HTMLModel"]
+    assert any(">merge-pair<" in t for t in texts), texts
+    assert any(f">{tasks} / {tasks}<" in t for t in texts), texts
+    assert any("Finished" in t for t in texts), texts
+
+
 def assert_rerun_skipped_all(nb) -> None:
     text = text_of(tagged(nb, "rerun"))
     match = RERUN.search(text)
@@ -74,6 +112,8 @@ def test_notebook_runs_in_a_fresh_kernel(tmp_path):
     assert not [out for out in outputs(nb) if out.output_type == "error"]
     report = "".join(out.get("data", {}).get("text/html", "") for out in tagged(nb, "run").outputs)
     assert "merged 6, skipped 0, failed 1" in report, report[:2000]  # the broken sample pair
+    # Seven pairs of ~5 MB: one task each, however many threads the cluster has.
+    assert_progress_widget_complete(nb, tasks=7)
     assert_rerun_skipped_all(nb)
     # The sample data set lives in a temporary folder it removes; nothing lands in the cwd.
     assert sorted(p.name for p in tmp_path.iterdir()) == [NOTEBOOK.name]
@@ -91,6 +131,7 @@ def test_committed_notebook_has_outputs():
     html = "".join(out.get("data", {}).get("text/html", "") for out in outputs(nb))
     assert "dask_merge plan" in html and "dask_merge report" in html
     assert "failed" in text_of(next(c for c in code if "report.failures" in c.source))
+    assert_progress_widget_complete(nb, tasks=7)
     assert_rerun_skipped_all(nb)
 
 
