@@ -16,6 +16,13 @@ an address      ``tcp://host:port`` of an existing Dask scheduler (or pass
 
 Workers send back one small :class:`Record` per pair, never tensors: each task
 writes its own output.
+
+>>> import dask_merge
+>>> job = dask_merge.plan("features/", output_dir="merged/")  # doctest: +SKIP
+>>> job  # doctest: +SKIP
+<Plan: 118 pending, 2 checkpointed, 0 without a partner -> merged/>
+>>> job.execute("processes", workers=4)  # doctest: +SKIP
+<Report: merged 117, skipped 2, failed 1 in 96.3 s on processes>
 """
 
 from __future__ import annotations
@@ -120,9 +127,15 @@ def _crashed(pairs: Sequence[Pair], why: str) -> list[Record]:
 # --- the report ----------------------------------------------------------------
 
 
-@dataclass
+@dataclass(repr=False)
 class Report:
-    """The outcome of a run: one record per pair found, skipped ones included."""
+    """The outcome of a run: one record per pair found, skipped ones included.
+
+    >>> Report([Record("output_0", "merged", rows=300), Record("output_1", "skipped"),
+    ...         Record("output_2", "failed", error="truncated")], [], 3.14, "processes")
+    <Report: merged 1, skipped 1, failed 1 in 3.1 s on processes>
+    """
+
 
     records: list[Record]
     unpaired: list[str]
@@ -176,6 +189,10 @@ class Report:
             lines.append(f"  ... and {len(self.failures) - errors} more failures")
         return "\n".join(lines)
 
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
+        return f"<Report: {counts} in {self.seconds:.1f} s on {self.scheduler}>"
+
     def _repr_html_(self) -> str:
         counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
         head = "".join(f"<th>{h}</th>" for h in ("pair", "status", "rows", "dropped", "seconds", "error"))
@@ -196,9 +213,16 @@ class Report:
 # --- the plan ----------------------------------------------------------------
 
 
-@dataclass
+@dataclass(repr=False)
 class Plan:
-    """The pairs to merge and those already done; :meth:`execute` runs it."""
+    """The pairs to merge and those already done; :meth:`execute` runs it.
+
+    >>> pair = Pair("output_0", "in/output_0_DNABERT_S.pt", "in/output_0_ESM.pt",
+    ...             "out/output_0_merged.pt")
+    >>> Plan([pair], [], ["in/output_1_ESM.pt"], None, "out")
+    <Plan: 1 pending, 0 checkpointed, 1 without a partner -> out>
+    """
+
 
     pending: list[Pair]
     done: list[tuple[Pair, Checkpoint]]
@@ -286,6 +310,10 @@ class Plan:
         records.sort(key=lambda r: order[r.name])
         return Report(skipped + records, self.unpaired, time.perf_counter() - start,
                       scheduler if client is None and not scheduler_file else "cluster", dashboard)
+
+    def __repr__(self) -> str:
+        return (f"<Plan: {len(self.pending)} pending, {len(self.done)} checkpointed, "
+                f"{len(self.unpaired)} without a partner -> {self.output_dir}>")
 
     def _repr_html_(self) -> str:
         rows = [(p.name, "pending", "") for p in self.pending]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 
 import pytest
@@ -177,3 +178,17 @@ def test_unpaired_files_are_reported_and_protein_folder_may_differ(tmp_path):
     assert [r.name for r in report.records] == ["output_0", "output_2"]
     assert report.unpaired == [str(tmp_path / "nuc" / "output_1_DNABERT_S.pt")]
     assert report.to_dict()["unpaired"] == report.unpaired
+
+
+def test_plan_and_report_have_short_reprs(tmp_path):
+    features = tmp_path / "features"
+    make_dataset(features, pairs=4, rows=5, nucleotide_width=3, protein_width=4)
+    os.remove(features / "output_3_ESM.pt")
+    out = tmp_path / "out"
+    dask_merge.run(features, output_dir=out, scheduler="sync", progress=False)
+    os.remove(out / "output_0_merged.pt")
+    job = dask_merge.plan(features, output_dir=out)
+    assert repr(job) == f"<Plan: 1 pending, 2 checkpointed, 1 without a partner -> {out}>"
+    report = job.execute("sync", progress=False)
+    assert re.fullmatch(r"<Report: merged 1, skipped 2, failed 0 in \d+\.\d s on sync>", repr(report))
+    assert "\n" not in repr(job) + repr(report)
