@@ -252,7 +252,11 @@ class Plan:
             running Dask scheduler.  Ignored when ``client`` or
             ``scheduler_file`` is given.
         workers
-            Worker processes (or threads); default: the number of cores.
+            Worker processes (or threads) of the local schedulers and of a
+            ``local`` cluster; default: the number of cores.  On an existing
+            cluster (an address, ``scheduler_file`` or ``client``), batches
+            are sized by the cluster's worker threads instead (this number
+            only when it has no workers yet).
         scheduler_file
             The scheduler file of an existing cluster (dask-jobqueue, dask-mpi).
         dashboard_address
@@ -265,7 +269,8 @@ class Plan:
             before it is reported failed.
         partition_size
             Pairs per task; by default one per pair for large pairs, batches
-            of about 32 MiB of input for tiny ones.
+            of about 32 MiB of input for tiny ones, and at least four tasks
+            per worker thread.
         performance_report
             On a cluster: write Dask's HTML performance report there.
         client
@@ -279,10 +284,9 @@ class Plan:
         for folder in folders:
             # A killed run's temporaries go now; one a live writer holds, never.
             remove_stale_temporaries(folder)
-        partitions = _partitions(self.pending, partition_size, workers)
         dashboard = None
         try:
-            if not partitions:
+            if not self.pending:
                 records = []
             elif client is not None or scheduler_file or scheduler not in LOCAL_SCHEDULERS:
                 with _distributed_client(scheduler, scheduler_file, client, workers,
@@ -290,13 +294,18 @@ class Plan:
                     dashboard = active.dashboard_link
                     if progress and dashboard:
                         print(f"dask-merge: dashboard at {dashboard}", file=sys.stderr)
+                    # Batches for the threads the cluster has, not for this machine's cores.
+                    threads = _cluster_threads(active) or workers
+                    partitions = _partitions(self.pending, partition_size, threads)
                     records = _run_distributed(active, partitions, self.labels, retries=retries,
                                                progress=progress,
                                                performance_report=performance_report)
             elif scheduler == "processes":
+                partitions = _partitions(self.pending, partition_size, workers)
                 records = _run_processes(partitions, self.labels, workers=workers,
                                          retries=retries, progress=progress)
             else:
+                partitions = _partitions(self.pending, partition_size, workers)
                 records = _run_local(partitions, self.labels, scheduler, workers, progress)
         except KeyboardInterrupt:
             # The pool or cluster is down by now; what its workers were
@@ -584,6 +593,11 @@ def _distributed_client(scheduler, scheduler_file, client, workers, dashboard_ad
 def _paths_visible(paths: list[str]) -> list[str]:
     """Run on a worker: which of ``paths`` it cannot see."""
     return [p for p in paths if not os.path.exists(p)]
+
+
+def _cluster_threads(client) -> int:
+    """Worker threads of the cluster behind ``client`` now (0 when it has no workers yet)."""
+    return sum(client.nthreads().values())
 
 
 def _run_distributed(client, partitions, labels, *, retries, progress, performance_report):

@@ -18,7 +18,10 @@ import psutil
 import pytest
 import torch
 
+from dask.utils import key_split
+
 import dask_merge
+from dask_merge.engine import TASK_NAME
 from dask_merge.testing import make_dataset
 
 pytestmark = pytest.mark.cluster
@@ -184,3 +187,39 @@ def test_local_cluster_takes_a_free_port_when_the_dashboard_port_is_taken(datase
                                 workers=1, progress=False, dashboard_address=f"127.0.0.1:{port}")
     assert report.ok and report.counts["merged"] == 6
     assert report.dashboard and f":{port}/" not in report.dashboard
+
+
+def _tiny_pairs(folder: Path, pairs: int = 64) -> Path:
+    make_dataset(folder, pairs=pairs, rows=2, nucleotide_width=2, protein_width=2)
+    return folder
+
+
+def _merge_tasks(stream) -> set:
+    return {task["key"] for task in stream.data if key_split(task["key"]) == TASK_NAME}
+
+
+def test_tasks_are_sized_by_the_threads_of_a_given_client(tmp_path):
+    """4 tasks per worker thread of the cluster, whatever `workers` says (the local cores)."""
+    from distributed import Client, LocalCluster, get_task_stream
+
+    features = _tiny_pairs(tmp_path / "features")
+    with LocalCluster(n_workers=2, threads_per_worker=2, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as client:
+        with get_task_stream(client) as stream:
+            report = dask_merge.run(features, output_dir=tmp_path / "out", client=client,
+                                    workers=1, progress=False)
+    assert report.counts == {"merged": 64, "skipped": 0, "failed": 0}
+    assert len(_merge_tasks(stream)) == 4 * 4  # not 4 * 1: 64 tiny pairs, 4 per task
+
+
+def test_tasks_are_sized_by_the_threads_of_a_cluster_reached_by_address(cluster, tmp_path):
+    from distributed import Client, get_task_stream
+
+    address, _ = cluster
+    features = _tiny_pairs(tmp_path / "features")
+    with Client(address, timeout="30s") as observer, get_task_stream(observer) as stream:
+        threads = sum(observer.nthreads().values())
+        report = dask_merge.run(features, output_dir=tmp_path / "out", scheduler=address,
+                                workers=1, progress=False)
+    assert threads == 2 and report.counts["merged"] == 64
+    assert len(_merge_tasks(stream)) == 4 * threads
