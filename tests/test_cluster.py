@@ -17,7 +17,6 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-
 from dask.utils import key_split
 
 import dask_merge
