@@ -2,12 +2,38 @@
 
 >>> import dask_merge
 >>> report = dask_merge.run("features/", output_dir="merged/")  # doctest: +SKIP
+
+The kernel (``merge_pair``, ``find_pairs``, ``checkpoint_state``, the errors)
+is imported with the package; the engine (``plan``, ``run``, ``Plan``,
+``Report``, ``ConfigurationError``), which imports Dask, on first use.  So a
+spawned worker process that only merges pairs never imports Dask,
+distributed or torch.
 """
 
-from .engine import ConfigurationError, Plan, Record, Report, plan, run
+import importlib as _importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
+
 from .errors import FileFormatError, MergeError, MispairedError, OutputError, UnsafeFileError
 from .merge import MergeResult, merge_pair
 from .plan import Checkpoint, FoundPairs, Pair, checkpoint_state, find_pairs
+
+# Importing the submodule dask_merge.plan above bound the name `plan` to it;
+# `dask_merge.plan` is the engine's function (loaded on first use, below).
+# The submodule stays importable as always: `from dask_merge.plan import Pair`.
+globals().pop("plan", None)
+
+if _TYPE_CHECKING:  # for type checkers and IDEs; at run time see __getattr__
+    from .engine import ConfigurationError, Plan, Report, plan, run
+    from .tasks import Record
+
+_LAZY = {
+    "ConfigurationError": "engine",
+    "Plan": "engine",
+    "Report": "engine",
+    "plan": "engine",
+    "run": "engine",
+    "Record": "tasks",
+}
 
 __all__ = [
     "Checkpoint",
@@ -29,3 +55,18 @@ __all__ = [
     "plan",
     "run",
 ]
+
+
+def __getattr__(name: str):
+    """Load the engine (and Dask) when one of its names is first used."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    names = set(globals()) | set(__all__)
+    return sorted(n for n in names if not n.startswith("_") or n.startswith("__"))

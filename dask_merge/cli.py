@@ -11,10 +11,16 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from .engine import ConfigurationError, Report, plan
+if TYPE_CHECKING:
+    from .engine import Report
+
+# The engine (and Dask) is imported by the commands, not here: a spawned
+# worker re-imports the `dask-merge` script, hence this module, and needs
+# neither.
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -60,6 +66,8 @@ def run_command(nucleotide_dir, protein_dir, output_dir, scheduler, scheduler_fi
                 dashboard_address, label, force, dry_run, report_path, no_progress, retries,
                 partition_size, performance_report) -> None:
     """Merge every pair of NUCLEOTIDE-DIR / PROTEIN-DIR into OUTPUT-DIR."""
+    from .engine import ConfigurationError, plan
+
     if performance_report and scheduler in ("processes", "threads", "sync") and not scheduler_file:
         _fail("--performance-report needs a cluster: --scheduler local, an address or --scheduler-file")
     try:
@@ -96,6 +104,8 @@ def _print_plan(the_plan, *, verbose: bool) -> None:
 
 
 def _interrupted(nucleotide_dir, protein_dir, output_dir, label, started) -> None:
+    from .engine import ConfigurationError, plan
+
     # Workers are stopped and temporaries removed by the engine; tell what is done.
     try:
         after = plan(nucleotide_dir, protein_dir, output_dir, label=label)
@@ -150,6 +160,8 @@ def _write_sample(folder, pairs, rows, seed, **widths) -> None:
 @click.option("--rows", default=1000, show_default=True, type=click.IntRange(min=1))
 def demo(folder, pairs, rows) -> None:
     """Make a sample data set and merge it on the processes scheduler."""
+    from .engine import plan
+
     inputs, outputs = Path(folder) / "features", Path(folder) / "merged"
     if not any(inputs.glob("*_ESM.pt")):
         _write_sample(inputs, pairs, rows, seed=0)

@@ -1,11 +1,15 @@
 """The Dask engine: plan the pairs, map the merge over a bag, gather small records.
 
 :func:`plan` finds the pairs and drops the checkpointed ones on the client,
-so they never occupy a worker.  :meth:`Plan.execute` maps :func:`merge_pairs`
-over a :mod:`dask.bag` of the rest on one of these schedulers:
+so they never occupy a worker.  :meth:`Plan.execute` cuts the rest into
+batches and maps :func:`~dask_merge.tasks.merge_pairs` over them on one of
+these schedulers:
 
 ==============  ==================================================================
-``processes``   the default: a pool of spawned processes, nothing else to start
+``processes``   the default: a pool of spawned processes, nothing else to start;
+                they run the batches directly (no Dask graph) and import the
+                kernel and numpy only, not Dask, distributed or torch (unless
+                the parent's ``__main__`` does: spawned children re-import it)
 ``threads``     one process, a thread pool
 ``sync``        one process, one thread, plain loop: for debugging (pdb works)
 ``local``       a :class:`distributed.LocalCluster` started and closed here, with
@@ -14,6 +18,7 @@ an address      ``tcp://host:port`` of an existing Dask scheduler (or pass
                 ``scheduler_file=``): workers must see the same paths
 ==============  ==================================================================
 
+Other than ``processes``, the batches are the partitions of a :mod:`dask.bag`.
 Workers send back one small :class:`Record` per pair, never tensors: each task
 writes its own output.
 
@@ -29,32 +34,24 @@ from __future__ import annotations
 
 import contextlib
 import html
+import itertools
 import json
 import os
 import sys
+import threading
 import time
-import traceback
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import dask
 import dask.bag as db
 from dask.base import tokenize
 
-from .errors import MergeError
 from .formats import label_value, remove_stale_temporaries
-from .merge import merge_pair
-from .plan import (
-    RECORD_FOLDER,
-    Checkpoint,
-    Pair,
-    checkpoint_state,
-    find_pairs,
-    input_fingerprints,
-    write_checkpoint,
-)
+from .plan import RECORD_FOLDER, Checkpoint, Pair, checkpoint_state, find_pairs
+from .tasks import Record, crashed, merge_one, merge_pairs, pool_worker  # noqa: F401 (merge_one)
 
 LOCAL_SCHEDULERS = ("processes", "threads", "sync")
 TASK_NAME = "merge-pair"  # what tasks are called on the dashboard
@@ -64,64 +61,6 @@ CONNECT_TIMEOUT = "5s"
 
 class ConfigurationError(ValueError):
     """The run cannot start: a missing folder, no pairs, a bad scheduler, ..."""
-
-
-# --- records ----------------------------------------------------------------
-
-
-@dataclass
-class Record:
-    """What happened to one pair: what the client gets back instead of tensors."""
-
-    name: str
-    status: str  # "merged", "skipped" or "failed"
-    rows: int | None = None
-    nucleotide_only: int | None = None
-    protein_only: int | None = None
-    nucleotide_only_examples: list[str] = field(default_factory=list)
-    protein_only_examples: list[str] = field(default_factory=list)
-    seconds: float | None = None
-    error: str | None = None
-    reason: str | None = None  # why a pair was skipped
-    output: str | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def merge_one(pair: Pair, labels: list[int] | None) -> Record:
-    """Merge one pair and checkpoint it; never raises: failures become records."""
-    start = time.perf_counter()
-    try:
-        inputs = input_fingerprints(pair)  # before reading: a later change shows
-        result = merge_pair(pair.nucleotide, pair.protein, pair.output, label=labels and labels[0])
-        write_checkpoint(pair, inputs, labels=labels, rows=result.rows)
-    except MergeError as err:
-        return Record(pair.name, "failed", error=str(err), seconds=time.perf_counter() - start)
-    except OSError as err:
-        return Record(pair.name, "failed", seconds=time.perf_counter() - start,
-                      error=f"{err.filename or pair.name}: {err.strerror or err}")
-    except Exception as err:  # a bug, not bad input: keep the traceback's tail
-        where = traceback.format_exc(limit=-3)
-        return Record(pair.name, "failed", seconds=time.perf_counter() - start,
-                      error=f"unexpected {type(err).__name__}: {err}\n{where}")
-    return Record(
-        pair.name, "merged", rows=result.rows,
-        nucleotide_only=result.nucleotide_only, protein_only=result.protein_only,
-        nucleotide_only_examples=list(result.nucleotide_only_examples),
-        protein_only_examples=list(result.protein_only_examples),
-        seconds=result.seconds, output=result.output,
-    )
-
-
-def merge_pairs(pairs: Sequence[Pair], labels: list[int] | None) -> list[Record]:
-    """The task of one bag partition: merge its pairs one after another."""
-    return [merge_one(Pair(*pair), labels) for pair in pairs]
-
-
-def _crashed(pairs: Sequence[Pair], why: str) -> list[Record]:
-    return [Record(Pair(*p).name, "failed", error=f"{why}; the pair was retried, then given up")
-            for p in pairs]
 
 
 # --- the report ----------------------------------------------------------------
@@ -135,7 +74,6 @@ class Report:
     ...         Record("output_2", "failed", error="truncated")], [], 3.14, "processes")
     <Report: merged 1, skipped 1, failed 1 in 3.1 s on processes>
     """
-
 
     records: list[Record]
     unpaired: list[str]
@@ -222,7 +160,6 @@ class Plan:
     >>> Plan([pair], [], ["in/output_1_ESM.pt"], None, "out")
     <Plan: 1 pending, 0 checkpointed, 1 without a partner -> out>
     """
-
 
     pending: list[Pair]
     done: list[tuple[Pair, Checkpoint]]
@@ -450,16 +387,50 @@ def _run_local(partitions, labels, scheduler: str, workers: int, progress: bool)
     return [record for part in results for record in part]
 
 
-def _limit_threads(threads: int) -> None:
-    """Initializer of each worker process: workers x threads <= cores.
+class _PairsBar:
+    """The process pool's text progress bar: Dask's ``ProgressBar`` look, counting pairs.
 
-    The merge itself uses no threads; a torch or BLAS library imported by the
-    user's ``__main__`` would otherwise start one thread per core in each worker.
+    Drawn on stdout from a timer thread once ``minimum`` seconds have passed,
+    so that short runs print nothing.
     """
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(threads)
+
+    def __init__(self, total: int, *, minimum: float = 0.5, dt: float = 0.1, width: int = 40):
+        self.total, self.done = total, 0
+        self._minimum, self._dt, self._width = minimum, dt, width
+        self._stop = threading.Event()
+        self._timer = threading.Thread(target=self._tick, daemon=True)
+
+    def __enter__(self) -> _PairsBar:
+        self._start = time.perf_counter()
+        self._timer.start()
+        return self
+
+    def update(self, pairs: int) -> None:
+        self.done += pairs
+
+    def __exit__(self, kind, value, tb) -> None:
+        self._stop.set()
+        self._timer.join()
+        if time.perf_counter() - self._start >= self._minimum:
+            self._draw()
+            with contextlib.suppress(ValueError):  # stdout closed
+                sys.stdout.write("\n")
+                sys.stdout.flush()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self._dt):
+            if time.perf_counter() - self._start >= self._minimum:
+                self._draw()
+
+    def _draw(self) -> None:
+        from dask.utils import format_time
+
+        frac = self.done / self.total if self.total else 1.0
+        elapsed = format_time(time.perf_counter() - self._start)
+        line = f"\r[{'#' * int(self._width * frac):<{self._width}}] | {int(100 * frac)}% Completed | {elapsed}"
+        with contextlib.suppress(ValueError):
+            sys.stdout.write(line)
+            sys.stdout.flush()
 
 
 def _run_processes(partitions, labels, *, workers: int, retries: int, progress: bool) -> list[Record]:
@@ -499,62 +470,71 @@ def _isolate(suspects, labels, retries: int, progress: bool) -> list[Record]:
                 records += finished[0]
                 break
         else:
-            records += _crashed([pair], f"the worker process died while merging {pair.name} "
-                                        f"({tries + 1} times): crashed or killed (out of memory?)")
+            records += crashed([pair], f"the worker process died while merging {pair.name} "
+                                       f"({tries + 1} times): crashed or killed (out of memory?)")
     return records
 
 
-def _pool_worker(threads: int) -> None:
-    """Initializer of the pool's processes: Ctrl-C is the parent's to handle.
+def _start_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of ``workers`` spawned processes (started as tasks are submitted).
 
-    A terminal sends SIGINT to the whole process group; the parent stops the
-    workers itself (no tracebacks from each of them).
+    Spawned, not forked: the pipeline may run CUDA in this process.  A child
+    unpickles :func:`~dask_merge.tasks.pool_worker` and
+    :func:`~dask_merge.tasks.merge_pairs`, so it imports the kernel and numpy
+    only (and the parent's ``__main__`` module, as every spawned child does).
     """
-    import signal
+    import multiprocessing
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _limit_threads(threads)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=pool_worker, initargs=(threads,))
 
 
 def _compute_in_pool(partitions, labels, workers: int, progress: bool):
-    """Compute the bag on a new spawn pool; return (finished, running, broken).
+    """Run the batches on a new spawn pool; return (finished, running, broken).
 
+    No Dask graph: each batch is one :func:`merge_pairs` call, and at most
+    ``workers`` are submitted at a time, so that when a child dies the
+    batches in flight are exactly those that may have killed it.
     ``finished`` maps partition index to records, ``running`` holds the
     indices of tasks in flight when the pool broke.
     """
-    from dask.callbacks import Callback
-    import multiprocessing
-
-    bag = _bag(partitions, labels)
-    started: set[int] = set()
+    pool = _start_pool(workers)
+    queue = iter(enumerate(partitions))
+    in_flight: dict[Future, int] = {}
     finished: dict[int, list[Record]] = {}
-
-    def pretask(key, dsk, state):
-        if isinstance(key, tuple) and key[0] == bag.name:
-            started.add(key[1])
-
-    def posttask(key, result, dsk, state, worker_id):
-        if isinstance(key, tuple) and key[0] == bag.name:
-            finished[key[1]] = result
-
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_pool_worker, initargs=(threads,))
     broken = False
+    bar = _PairsBar(sum(map(len, partitions))) if progress else contextlib.nullcontext()
     try:
-        with Callback(pretask=pretask, posttask=posttask), _progress_bar(progress):
-            # Unoptimized: fusion would run each merge under another key than
-            # (bag.name, i), and a crash could not be traced to its pairs.
-            bag.compute(scheduler="processes", pool=pool, chunksize=1, optimize_graph=False)
-    except BrokenProcessPool:
-        broken = True
+        with bar:
+            while True:
+                for i, part in itertools.islice(queue, 0 if broken else workers - len(in_flight)):
+                    try:
+                        in_flight[pool.submit(merge_pairs, part, labels)] = i
+                    except BrokenProcessPool:  # never started: it goes to the next pool
+                        broken = True
+                        break
+                if not in_flight:
+                    break
+                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+                for future in done:
+                    try:
+                        records = future.result()
+                    except BrokenProcessPool:
+                        broken = True  # a suspect: stays in flight
+                        continue
+                    finished[in_flight.pop(future)] = records
+                    if progress:
+                        bar.update(len(records))
+                if broken and all(f.done() for f in in_flight):
+                    break
     except BaseException:  # Ctrl-C: stop the children now, not after their pair
-        for process in list(getattr(pool, "_processes", {}).values()):
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
             process.terminate()
         raise
     finally:
         pool.shutdown(wait=not broken, cancel_futures=True)
-    return finished, started - finished.keys(), broken
+    return finished, set(in_flight.values()), broken
 
 
 # --- distributed --------------------------------------------------------------------
@@ -624,7 +604,7 @@ def _run_distributed(client, partitions, labels, *, retries, progress, performan
                 records += future.result()
             except Exception as err:  # KilledWorker: the task killed its workers
                 why = f"the Dask worker died while merging ({type(err).__name__}: {err})"
-                records += _crashed(partitions[index[future.key]], why)
+                records += crashed(partitions[index[future.key]], why)
         if shown is not None:
             shown.finish()
     return records

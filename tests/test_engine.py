@@ -6,12 +6,14 @@ import os
 import pickle
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import dask_merge
-from dask_merge.engine import TASK_NAME, Record, _bag, _partitions
+from dask_merge.engine import TASK_NAME, Record, _bag, _partitions, _start_pool, merge_pairs
 from dask_merge.plan import Pair
 from dask_merge.testing import make_dataset, make_pair, reference_merge
 
@@ -192,3 +194,43 @@ def test_plan_and_report_have_short_reprs(tmp_path):
     report = job.execute("sync", progress=False)
     assert re.fullmatch(r"<Report: merged 1, skipped 2, failed 0 in \d+\.\d s on sync>", repr(report))
     assert "\n" not in repr(job) + repr(report)
+
+
+def test_import_is_light_and_the_engine_loads_on_first_use():
+    """`import dask_merge` (what a spawned worker does) imports no Dask; the API is all there."""
+    code = """if True:
+        import sys, dask_merge
+        heavy = [m for m in ("dask", "distributed", "torch") if m in sys.modules]
+        assert not heavy, heavy
+        assert set(dask_merge.__all__) <= set(dir(dask_merge)), dir(dask_merge)
+        assert callable(dask_merge.plan) and callable(dask_merge.run)  # not the submodule
+        assert dask_merge.plan.__module__ == "dask_merge.engine" and "dask" in sys.modules
+        from dask_merge.plan import Pair  # the submodule is still there
+        assert dask_merge.Pair is Pair and callable(dask_merge.plan)
+        assert dask_merge.Record is dask_merge.engine.Record
+        assert issubclass(dask_merge.ConfigurationError, ValueError)
+        try:
+            dask_merge.no_such_name
+        except AttributeError as err:
+            assert "no_such_name" in str(err)
+        else:
+            raise AssertionError("no AttributeError")
+    """
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def test_pool_workers_import_neither_dask_nor_distributed_nor_torch(tmp_path):
+    make_dataset(tmp_path / "features", pairs=2, rows=5, nucleotide_width=3, protein_width=4)
+    pairs = dask_merge.find_pairs(tmp_path / "features", output_dir=tmp_path).pairs
+    pool = _start_pool(1)
+    try:
+        records = pool.submit(merge_pairs, pairs, None).result(timeout=60)
+        # Ask the same worker, after a merge, what it has imported.
+        modules = pool.submit(eval, "sorted(__import__('sys').modules)").result(timeout=60)
+    finally:
+        pool.shutdown()
+    assert [r.status for r in records] == ["merged", "merged"]
+    assert "dask_merge.tasks" in modules and "numpy" in modules
+    heavy = [m for m in modules if m.split(".")[0] in ("dask", "distributed", "torch", "cloudpickle")]
+    assert not heavy, heavy

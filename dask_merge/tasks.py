@@ -1,0 +1,101 @@
+"""What runs on a worker: merge a batch of pairs, checkpoint each, return small records.
+
+This module imports the kernel and nothing of Dask, distributed or torch, so
+that a spawned pool process (the ``processes`` scheduler) is ready after
+importing numpy and the kernel alone.  :mod:`dask_merge.engine` schedules
+these functions; they are re-exported there.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+from .errors import MergeError
+from .merge import merge_pair
+from .plan import Pair, input_fingerprints, write_checkpoint
+
+
+@dataclass
+class Record:
+    """What happened to one pair: what the client gets back instead of tensors."""
+
+    name: str
+    status: str  # "merged", "skipped" or "failed"
+    rows: int | None = None
+    nucleotide_only: int | None = None
+    protein_only: int | None = None
+    nucleotide_only_examples: list[str] = field(default_factory=list)
+    protein_only_examples: list[str] = field(default_factory=list)
+    seconds: float | None = None
+    error: str | None = None
+    reason: str | None = None  # why a pair was skipped
+    output: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def merge_one(pair: Pair, labels: list[int] | None) -> Record:
+    """Merge one pair and checkpoint it; never raises: failures become records."""
+    start = time.perf_counter()
+    try:
+        inputs = input_fingerprints(pair)  # before reading: a later change shows
+        result = merge_pair(pair.nucleotide, pair.protein, pair.output, label=labels and labels[0])
+        write_checkpoint(pair, inputs, labels=labels, rows=result.rows)
+    except MergeError as err:
+        return Record(pair.name, "failed", error=str(err), seconds=time.perf_counter() - start)
+    except OSError as err:
+        return Record(pair.name, "failed", seconds=time.perf_counter() - start,
+                      error=f"{err.filename or pair.name}: {err.strerror or err}")
+    except Exception as err:  # a bug, not bad input: keep the traceback's tail
+        where = traceback.format_exc(limit=-3)
+        return Record(pair.name, "failed", seconds=time.perf_counter() - start,
+                      error=f"unexpected {type(err).__name__}: {err}\n{where}")
+    return Record(
+        pair.name, "merged", rows=result.rows,
+        nucleotide_only=result.nucleotide_only, protein_only=result.protein_only,
+        nucleotide_only_examples=list(result.nucleotide_only_examples),
+        protein_only_examples=list(result.protein_only_examples),
+        seconds=result.seconds, output=result.output,
+    )
+
+
+def merge_pairs(pairs: Sequence[Pair], labels: list[int] | None) -> list[Record]:
+    """The task of one batch (a bag partition): merge its pairs one after another."""
+    return [merge_one(Pair(*pair), labels) for pair in pairs]
+
+
+def crashed(pairs: Sequence[Pair], why: str) -> list[Record]:
+    """Records of pairs whose worker died under them, after every retry."""
+    return [Record(Pair(*p).name, "failed", error=f"{why}; the pair was retried, then given up")
+            for p in pairs]
+
+
+def limit_threads(threads: int) -> None:
+    """Cap OpenMP / MKL / OpenBLAS threads of this process: workers x threads <= cores.
+
+    The merge itself uses no threads; a torch or BLAS library imported by the
+    user's ``__main__`` would otherwise start one thread per core in each worker.
+    """
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    if "torch" in sys.modules:  # never imported here, only tamed
+        sys.modules["torch"].set_num_threads(threads)
+
+
+def pool_worker(threads: int) -> None:
+    """Initializer of the spawned pool's processes.
+
+    Ctrl-C is the parent's to handle: a terminal sends SIGINT to the whole
+    process group, and the parent stops the workers itself (no tracebacks
+    from each of them).
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    limit_threads(threads)
