@@ -503,6 +503,7 @@ def _compute_in_pool(partitions, labels, workers: int, progress: bool):
     queue = iter(enumerate(partitions))
     in_flight: dict[Future, int] = {}
     finished: dict[int, list[Record]] = {}
+    running: set[int] = set()  # in flight when the pool broke
     broken = False
     bar = _PairsBar(sum(map(len, partitions))) if progress else contextlib.nullcontext()
     try:
@@ -518,23 +519,22 @@ def _compute_in_pool(partitions, labels, workers: int, progress: bool):
                     break
                 done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                 for future in done:
+                    i = in_flight.pop(future)
                     try:
-                        records = future.result()
+                        finished[i] = future.result()
                     except BrokenProcessPool:
-                        broken = True  # a suspect: stays in flight
-                        continue
-                    finished[in_flight.pop(future)] = records
-                    if progress:
-                        bar.update(len(records))
-                if broken and all(f.done() for f in in_flight):
-                    break
+                        broken = True
+                        running.add(i)
+                    else:
+                        if progress:
+                            bar.update(len(finished[i]))
     except BaseException:  # Ctrl-C: stop the children now, not after their pair
         for process in list((getattr(pool, "_processes", None) or {}).values()):
             process.terminate()
         raise
     finally:
         pool.shutdown(wait=not broken, cancel_futures=True)
-    return finished, set(in_flight.values()), broken
+    return finished, running, broken
 
 
 # --- distributed --------------------------------------------------------------------
