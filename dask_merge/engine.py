@@ -6,10 +6,10 @@ batches and maps :func:`~dask_merge.tasks.merge_pairs` over them on one of
 these schedulers:
 
 ==============  ==================================================================
-``processes``   the default: a pool of spawned processes, nothing else to start;
-                they run the batches directly (no Dask graph) and import the
-                kernel and numpy only, not Dask, distributed or torch (unless
-                the parent's ``__main__`` does: spawned children re-import it)
+``processes``   the default: Dask's processes scheduler on a pool of spawned
+                processes, nothing else to start; they import Dask's core and
+                the kernel, not distributed or torch (unless the parent's
+                ``__main__`` does: spawned children re-import it)
 ``threads``     one process, a thread pool
 ``sync``        one process, one thread, plain loop: for debugging (pdb works)
 ``local``       a :class:`distributed.LocalCluster` started and closed here, with
@@ -18,7 +18,7 @@ an address      ``tcp://host:port`` of an existing Dask scheduler (or pass
                 ``scheduler_file=``): workers must see the same paths
 ==============  ==================================================================
 
-Other than ``processes``, the batches are the partitions of a :mod:`dask.bag`.
+The batches are the partitions of a :mod:`dask.bag`, one task each.
 Workers send back one small :class:`Record` per pair, never tensors: each task
 writes its own output.
 
@@ -34,14 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import html
-import itertools
 import json
 import os
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
@@ -387,52 +385,6 @@ def _run_local(partitions, labels, scheduler: str, workers: int, progress: bool)
     return [record for part in results for record in part]
 
 
-class _PairsBar:
-    """The process pool's text progress bar: Dask's ``ProgressBar`` look, counting pairs.
-
-    Drawn on stdout from a timer thread once ``minimum`` seconds have passed,
-    so that short runs print nothing.
-    """
-
-    def __init__(self, total: int, *, minimum: float = 0.5, dt: float = 0.1, width: int = 40):
-        self.total, self.done = total, 0
-        self._minimum, self._dt, self._width = minimum, dt, width
-        self._stop = threading.Event()
-        self._timer = threading.Thread(target=self._tick, daemon=True)
-
-    def __enter__(self) -> _PairsBar:
-        self._start = time.perf_counter()
-        self._timer.start()
-        return self
-
-    def update(self, pairs: int) -> None:
-        self.done += pairs
-
-    def __exit__(self, kind, value, tb) -> None:
-        self._stop.set()
-        self._timer.join()
-        if time.perf_counter() - self._start >= self._minimum:
-            self._draw()
-            with contextlib.suppress(ValueError):  # stdout closed
-                sys.stdout.write("\n")
-                sys.stdout.flush()
-
-    def _tick(self) -> None:
-        while not self._stop.wait(self._dt):
-            if time.perf_counter() - self._start >= self._minimum:
-                self._draw()
-
-    def _draw(self) -> None:
-        from dask.utils import format_time
-
-        frac = self.done / self.total if self.total else 1.0
-        elapsed = format_time(time.perf_counter() - self._start)
-        line = f"\r[{'#' * int(self._width * frac):<{self._width}}] | {int(100 * frac)}% Completed | {elapsed}"
-        with contextlib.suppress(ValueError):
-            sys.stdout.write(line)
-            sys.stdout.flush()
-
-
 def _run_processes(partitions, labels, *, workers: int, retries: int, progress: bool) -> list[Record]:
     """Run on a spawned process pool and survive workers that die.
 
@@ -479,9 +431,10 @@ def _start_pool(workers: int) -> ProcessPoolExecutor:
     """A pool of ``workers`` spawned processes (started as tasks are submitted).
 
     Spawned, not forked: the pipeline may run CUDA in this process.  A child
-    unpickles :func:`~dask_merge.tasks.pool_worker` and
-    :func:`~dask_merge.tasks.merge_pairs`, so it imports the kernel and numpy
-    only (and the parent's ``__main__`` module, as every spawned child does).
+    unpickles :func:`~dask_merge.tasks.pool_worker` and Dask's task runner, so
+    it imports the kernel, numpy and Dask's core, not distributed or torch
+    (except through the parent's ``__main__``, which every spawned child
+    re-imports).
     """
     import multiprocessing
 
@@ -491,50 +444,44 @@ def _start_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def _compute_in_pool(partitions, labels, workers: int, progress: bool):
-    """Run the batches on a new spawn pool; return (finished, running, broken).
+    """Compute the bag on Dask's processes scheduler with a new spawn pool.
 
-    No Dask graph: each batch is one :func:`merge_pairs` call, and at most
-    ``workers`` are submitted at a time, so that when a child dies the
-    batches in flight are exactly those that may have killed it.
-    ``finished`` maps partition index to records, ``running`` holds the
-    indices of tasks in flight when the pool broke.
+    Returns (finished, running, broken): ``finished`` maps partition index
+    to records, ``running`` holds the indices of tasks in flight when the
+    pool broke (the suspects).
     """
-    pool = _start_pool(workers)
-    queue = iter(enumerate(partitions))
-    in_flight: dict[Future, int] = {}
+    from dask.callbacks import Callback
+
+    bag = _bag(partitions, labels)
+    started: set[int] = set()
     finished: dict[int, list[Record]] = {}
-    running: set[int] = set()  # in flight when the pool broke
+
+    def pretask(key, dsk, state):
+        if isinstance(key, tuple) and key[0] == bag.name:
+            started.add(key[1])
+
+    def posttask(key, result, dsk, state, worker_id):
+        if isinstance(key, tuple) and key[0] == bag.name:
+            finished[key[1]] = result
+
+    pool = _start_pool(workers)
     broken = False
-    bar = _PairsBar(sum(map(len, partitions))) if progress else contextlib.nullcontext()
     try:
-        with bar:
-            while True:
-                for i, part in itertools.islice(queue, 0 if broken else workers - len(in_flight)):
-                    try:
-                        in_flight[pool.submit(merge_pairs, part, labels)] = i
-                    except BrokenProcessPool:  # never started: it goes to the next pool
-                        broken = True
-                        break
-                if not in_flight:
-                    break
-                done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-                for future in done:
-                    i = in_flight.pop(future)
-                    try:
-                        finished[i] = future.result()
-                    except BrokenProcessPool:
-                        broken = True
-                        running.add(i)
-                    else:
-                        if progress:
-                            bar.update(len(finished[i]))
+        with Callback(pretask=pretask, posttask=posttask), _progress_bar(progress):
+            # chunksize=1: each task is sent alone, so a few long merges run
+            # side by side (dask/dask#10292).  Unoptimized: fusion would run
+            # each merge under another key than (bag.name, i), and a crash
+            # could not be traced to its pairs.
+            bag.compute(scheduler="processes", pool=pool, chunksize=1, optimize_graph=False)
+    except BrokenProcessPool:
+        broken = True
     except BaseException:  # Ctrl-C: stop the children now, not after their pair
         for process in list((getattr(pool, "_processes", None) or {}).values()):
             process.terminate()
         raise
     finally:
         pool.shutdown(wait=not broken, cancel_futures=True)
-    return finished, running, broken
+    return finished, started - finished.keys(), broken
 
 
 # --- distributed --------------------------------------------------------------------
