@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from .errors import MergeError
+from .formats import grouped_folder_syncs
 from .merge import merge_pair
 from .plan import Pair, input_fingerprints, write_checkpoint
 
@@ -67,7 +68,8 @@ def merge_one(pair: Pair, labels: list[int] | None) -> Record:
 
 def merge_pairs(pairs: Sequence[Pair], labels: list[int] | None) -> list[Record]:
     """The task of one batch (a bag partition): merge its pairs one after another."""
-    return [merge_one(Pair(*pair), labels) for pair in pairs]
+    with grouped_folder_syncs():
+        return [merge_one(Pair(*pair), labels) for pair in pairs]
 
 
 def crashed(pairs: Sequence[Pair], why: str) -> list[Record]:

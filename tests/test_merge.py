@@ -652,3 +652,25 @@ def test_merge_pair_equals_the_reference_merge(case):
         assert set(result.nucleotide_only_examples) <= set(nucleotide_ids) - shared
         assert set(result.protein_only_examples) <= set(protein_ids) - shared
         assert sorted(os.listdir(folder)) == ["h_DNABERT_S.pt", "h_ESM.pt", "h_merged.pt"]
+
+
+def test_grouped_folder_syncs_sync_each_folder_once_at_the_end(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(formats, "_fsync_folder", synced.append)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    formats.atomic_write(str(a / "alone"), lambda f: f.write(b"1"))
+    assert synced == [str(a)]  # outside a group: at once
+    synced.clear()
+    with formats.grouped_folder_syncs():
+        for name in ("x", "y"):
+            formats.atomic_write(str(a / name), lambda f: f.write(b"1"))
+        with formats.grouped_folder_syncs():  # nested: the outer group syncs
+            formats.atomic_write(str(b / "z"), lambda f: f.write(b"1"))
+        assert synced == [] and (a / "x").exists() and (b / "z").exists()
+    assert synced == [str(a), str(b)]
+    synced.clear()
+    with pytest.raises(RuntimeError), formats.grouped_folder_syncs():  # synced on errors too
+        formats.atomic_write(str(a / "w"), lambda f: f.write(b"1"))
+        raise RuntimeError
+    assert synced == [str(a)]
