@@ -262,15 +262,20 @@ def write_merged(path: str, ids: list[str], data: np.ndarray | ArrayBlocks,
 _TEMPORARY_MARK = ".dask-merge-tmp-"
 
 
-def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: str, write: Callable[[BinaryIO], None], *, durable: bool = True) -> None:
     """Write a file that appears under ``path`` only when complete.
 
     ``write`` fills a temporary file in the same folder, which is flushed,
-    fsynced and renamed over ``path`` (atomic on POSIX).  Concurrent writers
-    of one path each rename a complete file; the last one wins.  From just
+    fsynced and renamed over ``path`` (atomic on POSIX), and the folder is
+    fsynced so that the rename survives a power cut.  Concurrent writers of
+    one path each rename a complete file; the last one wins.  From just
     after its creation until its rename, the temporary holds an exclusive
     lock: an unlocked temporary is a dead writer's, and
     :func:`remove_stale_temporaries` removes it.
+
+    ``durable=False`` skips both fsyncs, for files whose loss or truncation
+    by a power cut is harmless (checkpoint records): the rename still makes
+    the file appear whole to every other process.
 
     Raises
     ------
@@ -287,7 +292,8 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
             os.replace(temporary, path)
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
@@ -296,7 +302,9 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
             raise OutputError(f"{path}: cannot write ({err.strerror or err})") from None
         raise
     pending = getattr(_deferred, "folders", None)
-    if pending is None:
+    if not durable:
+        pass
+    elif pending is None:
         _fsync_folder(folder)
     else:
         pending.add(folder)

@@ -127,7 +127,13 @@ def record_path(output: str) -> str:
 def write_checkpoint(
     pair: Pair, inputs: dict[str, dict[str, int]], *, labels: list[int] | None, rows: int
 ) -> None:
-    """Record, beside a freshly written output, what it was made from."""
+    """Record, beside a freshly written output, what it was made from.
+
+    The record is written atomically but not fsynced: a power cut that loses
+    or truncates it leaves the (fsynced) output without a readable record,
+    which counts as done, as an output made elsewhere does.  That saves one
+    of the two disk flushes per pair, which dominate small merges.
+    """
     record = {
         "inputs": {side: {"path": getattr(pair, side), **fp} for side, fp in inputs.items()},
         "labels": labels,
@@ -136,7 +142,7 @@ def write_checkpoint(
     }
     path = record_path(pair.output)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
+    atomic_write(path, lambda f: f.write(json.dumps(record, indent=1).encode()), durable=False)
 
 
 class Checkpoint(NamedTuple):

@@ -674,3 +674,13 @@ def test_grouped_folder_syncs_sync_each_folder_once_at_the_end(tmp_path, monkeyp
         formats.atomic_write(str(a / "w"), lambda f: f.write(b"1"))
         raise RuntimeError
     assert synced == [str(a)]
+
+
+def test_only_durable_writes_are_fsynced(tmp_path, monkeypatch):
+    flushed, synced = [], []
+    monkeypatch.setattr(formats.os, "fsync", flushed.append)
+    monkeypatch.setattr(formats, "_fsync_folder", synced.append)
+    formats.atomic_write(str(tmp_path / "record.json"), lambda f: f.write(b"{}"), durable=False)
+    assert flushed == synced == [] and (tmp_path / "record.json").read_bytes() == b"{}"
+    formats.atomic_write(str(tmp_path / "output.pt"), lambda f: f.write(b"data"))
+    assert len(flushed) == 1 and synced == [str(tmp_path)]
