@@ -155,13 +155,19 @@ def assert_resumes(features: Path, out: Path, inputs: Inputs, *, pairs: int = ST
 # --- 1. SIGKILL of the whole run ------------------------------------------------------------
 
 
-def test_sigkill_of_the_whole_run_loses_nothing_and_the_rerun_resumes(inputs, tmp_path):
+def start_a_run(inputs: Inputs, tmp_path: Path) -> tuple[Path, Path, subprocess.Popen, list]:
+    """A CLI run on the process pool, in its own session, once its first output is there."""
     features, out = inputs.linked(tmp_path / "features"), tmp_path / "out"
     run = cli("--nucleotide-dir", features, "--output-dir", out, "--scheduler", "processes",
               "--workers", "2", "--no-progress", start_new_session=True)
     wait_for_first_output(run, out)
-    group = descendants(run.pid)
-    assert len(group) >= 2, "the pool's workers are not running"
+    children = descendants(run.pid)
+    assert len(children) >= 2, "the pool's workers are not running"
+    return features, out, run, children
+
+
+def test_sigkill_of_the_whole_run_loses_nothing_and_the_rerun_resumes(inputs, tmp_path):
+    features, out, run, group = start_a_run(inputs, tmp_path)
     os.killpg(run.pid, signal.SIGKILL)
     run.wait(timeout=10)
     assert run.returncode == -signal.SIGKILL
@@ -223,12 +229,7 @@ def test_a_killed_writers_temporary_goes_at_once_a_live_ones_never(inputs, tmp_p
 
 @pytest.mark.parametrize("target", ["group", "parent"])
 def test_ctrl_c_stops_everything_cleans_up_and_the_rerun_resumes(inputs, tmp_path, target):
-    features, out = inputs.linked(tmp_path / "features"), tmp_path / "out"
-    run = cli("--nucleotide-dir", features, "--output-dir", out, "--scheduler", "processes",
-              "--workers", "2", "--no-progress", start_new_session=True)
-    wait_for_first_output(run, out)
-    children = descendants(run.pid)
-    assert len(children) >= 2, "the pool's workers are not running"
+    features, out, run, children = start_a_run(inputs, tmp_path)
     sent = time.monotonic()
     if target == "group":  # what a terminal does on Ctrl-C
         os.killpg(run.pid, signal.SIGINT)
