@@ -703,10 +703,12 @@ class _Unpickler:
         raise self._refuse(pos, f"a call of {short_repr(func)} with {len(args)} arguments")
 
     def _tensor(self, pos, storage, offset, shape, stride, requires_grad, hooks) -> TensorRef:
-        sizes = shape + stride if type(shape) is tuple and type(stride) is tuple else ()
-        if not (type(storage) is StorageRef and type(offset) is int and len(shape) == len(stride)
-                and {*map(type, sizes)} <= _INT and type(requires_grad) is bool and hooks == {}):
+        # The tuple checks come first: len() of anything else would raise.
+        if not (type(shape) is tuple and type(stride) is tuple and len(shape) == len(stride)
+                and {*map(type, shape + stride)} <= _INT and type(storage) is StorageRef
+                and type(offset) is int and type(requires_grad) is bool and hooks == {}):
             raise self._broken(pos, "tensor with malformed arguments")
+        sizes = shape + stride
         if min(sizes, default=0) < 0 or offset < 0 or max(stride, default=0) > _MAX_STRIDE:
             raise self._broken(pos, f"tensor with negative offset, size or stride, or absurd stride {stride}")
         # More items than the storage holds means overlapping (expanded)

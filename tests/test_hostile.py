@@ -259,9 +259,11 @@ def test_persistent_ids_other_than_storages_are_refused(files):
     (0, (4,), (-1,), "negative"),
     (0, (4, 2), (1,), "malformed"),
     (0, (4.0,), (1,), "malformed"),
+    (0, 4, (1,), "malformed"),
+    (0, (4,), 1, "malformed"),
 ], ids=["huge_size", "size_past_storage", "offset_past_storage", "huge_offset", "stride_past",
         "stride0_expand", "huge_stride", "negative_offset", "negative_size", "negative_stride",
-        "rank_mismatch", "float_size"])
+        "rank_mismatch", "float_size", "int_size", "int_stride"])
 def test_tensor_views_must_lie_inside_their_storage(files, offset, shape, stride, why):
     bad = Tensor(Storage("0", 4), offset, shape, stride)
     forged = files.forge(dumps(protein_layout([Tensor(Storage("1", 4), 0, (4,), (1,)), bad])))
