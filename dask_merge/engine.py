@@ -235,13 +235,13 @@ class Plan:
                     records = _run_distributed(active, partitions, self.labels, retries=retries,
                                                progress=progress,
                                                performance_report=performance_report)
-            elif scheduler == "processes":
-                partitions = _partitions(self.pending, partition_size, workers)
-                records = _run_processes(partitions, self.labels, workers=workers,
-                                         retries=retries, progress=progress)
             else:
                 partitions = _partitions(self.pending, partition_size, workers)
-                records = _run_local(partitions, self.labels, scheduler, workers, progress)
+                if scheduler == "processes":
+                    records = _run_processes(partitions, self.labels, workers=workers,
+                                             retries=retries, progress=progress)
+                else:
+                    records = _run_local(partitions, self.labels, scheduler, workers, progress)
         except KeyboardInterrupt:
             # The pool or cluster is down by now; what its workers were
             # writing is unlocked and can go at once.

@@ -301,13 +301,12 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None], *, durable: bool 
         if isinstance(err, OSError):
             raise OutputError(f"{path}: cannot write ({err.strerror or err})") from None
         raise
-    pending = getattr(_deferred, "folders", None)
-    if not durable:
-        pass
-    elif pending is None:
-        _fsync_folder(folder)
-    else:
-        pending.add(folder)
+    if durable:
+        pending = getattr(_deferred, "folders", None)
+        if pending is None:
+            _fsync_folder(folder)
+        else:
+            pending.add(folder)
 
 
 _deferred = threading.local()
@@ -318,10 +317,10 @@ def grouped_folder_syncs() -> Iterator[None]:
     """Within this block, :func:`atomic_write` fsyncs each folder once, at the end.
 
     A rename is durable once its folder is fsynced.  A batch of tiny merges
-    writes two files per pair into two folders: syncing each folder once per
-    batch instead of once per file halves the fsyncs.  Until the end of the
-    block, a power cut may undo renames, never tear a file: an undone pair is
-    simply pending again.
+    writes one output per pair into the same folder: syncing it once per
+    batch instead of once per output saves a disk flush per pair.  Until the
+    end of the block, a power cut may undo renames, never tear a file: an
+    undone pair is simply pending again.
     """
     outer = getattr(_deferred, "folders", None)
     if outer is not None:  # nested: the outer block syncs
