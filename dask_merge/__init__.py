@@ -5,9 +5,9 @@
 
 The kernel (``merge_pair``, ``find_pairs``, ``checkpoint_state``, the errors)
 is imported with the package; the engine (``plan``, ``run``, ``Plan``,
-``Report``, ``ConfigurationError``), which imports Dask, on first use.  So a
-spawned worker process that only merges pairs never imports Dask,
-distributed or torch.
+``Report``, ``ConfigurationError``), which imports Dask, distributed and
+dask.bag, on first use.  So a spawned worker process that only merges pairs
+imports no more than the kernel and the core of Dask that runs its tasks.
 """
 
 import importlib as _importlib

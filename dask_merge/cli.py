@@ -18,9 +18,9 @@ import click
 if TYPE_CHECKING:
     from .engine import Report
 
-# The engine (and Dask) is imported by the commands, not here: a spawned
-# worker re-imports the `dask-merge` script, hence this module, and needs
-# neither.
+# The engine (and with it distributed and dask.bag) is imported by the
+# commands, not here: a spawned worker re-imports the `dask-merge` script,
+# hence this module, and needs none of them.
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
 

@@ -1,9 +1,9 @@
 """What runs on a worker: merge a batch of pairs, checkpoint each, return small records.
 
 This module imports the kernel and nothing of Dask, distributed or torch, so
-that a spawned pool process (the ``processes`` scheduler) is ready after
-importing numpy and the kernel alone.  :mod:`dask_merge.engine` schedules
-these functions; they are re-exported there.
+that a spawned pool process of the ``processes`` scheduler imports numpy, the
+kernel and only the core of Dask that runs its tasks.
+:mod:`dask_merge.engine` schedules these functions; they are re-exported there.
 """
 
 from __future__ import annotations
