@@ -45,13 +45,22 @@ from dataclasses import dataclass
 
 import dask
 import dask.bag as db
+import dask.local
+import dask.multiprocessing
+import dask.threaded
 from dask.base import tokenize
 
 from .formats import label_value, remove_stale_temporaries
 from .plan import RECORD_FOLDER, Checkpoint, Pair, checkpoint_state, find_pairs
 from .tasks import Record, crashed, merge_one, merge_pairs, pool_worker  # noqa: F401 (merge_one)
 
-LOCAL_SCHEDULERS = ("processes", "threads", "sync")
+# Dask's local schedulers as functions: given by name, ``compute`` first imports
+# distributed to look for a default client, 0.2 s of every run.
+LOCAL_SCHEDULERS = {
+    "processes": dask.multiprocessing.get,
+    "threads": dask.threaded.get,
+    "sync": dask.local.get_sync,
+}
 TASK_NAME = "merge-pair"  # what tasks are called on the dashboard
 TARGET_PARTITION_BYTES = 32 * 2**20  # batch tiny pairs up to about this much input
 CONNECT_TIMEOUT = "5s"
@@ -381,7 +390,7 @@ def _progress_bar(progress: bool):
 def _run_local(partitions, labels, scheduler: str, workers: int, progress: bool) -> list[Record]:
     with _progress_bar(progress):
         parts = _bag(partitions, labels).to_delayed()
-        results = dask.compute(*parts, scheduler=scheduler, num_workers=workers)
+        results = dask.compute(*parts, scheduler=LOCAL_SCHEDULERS[scheduler], num_workers=workers)
     return [record for part in results for record in part]
 
 
@@ -472,7 +481,8 @@ def _compute_in_pool(partitions, labels, workers: int, progress: bool):
             # side by side (dask/dask#10292).  Unoptimized: fusion would run
             # each merge under another key than (bag.name, i), and a crash
             # could not be traced to its pairs.
-            bag.compute(scheduler="processes", pool=pool, chunksize=1, optimize_graph=False)
+            bag.compute(scheduler=LOCAL_SCHEDULERS["processes"], pool=pool, chunksize=1,
+                        optimize_graph=False)
     except BrokenProcessPool:
         broken = True
     except BaseException:  # Ctrl-C: stop the children now, not after their pair
