@@ -6,8 +6,8 @@
 The kernel (``merge_pair``, ``find_pairs``, ``checkpoint_state``, the errors)
 is imported with the package; the engine (``plan``, ``run``, ``Plan``,
 ``Report``, ``ConfigurationError``), which imports Dask, distributed and
-dask.bag, on first use.  So a spawned worker process that only merges pairs
-imports no more than the kernel and the core of Dask that runs its tasks.
+dask.bag, on first use.  So a pool worker that only merges pairs imports no
+more than the kernel and the core of Dask that runs its tasks.
 """
 
 import importlib as _importlib

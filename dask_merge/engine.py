@@ -6,10 +6,10 @@ batches and maps :func:`~dask_merge.tasks.merge_pairs` over them on one of
 these schedulers:
 
 ==============  ==================================================================
-``processes``   the default: Dask's processes scheduler on a pool of spawned
-                processes, nothing else to start; they import Dask's core and
-                the kernel, not distributed or torch (unless the parent's
-                ``__main__`` does: spawned children re-import it)
+``processes``   the default: Dask's processes scheduler on a pool of processes
+                forked from a clean fork server, nothing else to start; they
+                hold Dask's core and the kernel, not distributed or torch
+                (unless the parent's ``__main__`` script imports them)
 ``threads``     one process, a thread pool
 ``sync``        one process, one thread, plain loop: for debugging (pdb works)
 ``local``       a :class:`distributed.LocalCluster` started and closed here, with
@@ -223,6 +223,8 @@ class Plan:
         workers = workers or os.cpu_count() or 1
         skipped = [Record(p.name, "skipped", reason=c.reason, output=p.output) for p, c in self.done]
         start = time.perf_counter()
+        if self.pending and scheduler == "processes" and client is None and not scheduler_file:
+            _pool_context()  # the workers' imports, meanwhile
         folders = {os.path.dirname(p.output) for p in self.pending}
         folders |= {os.path.join(f, RECORD_FOLDER) for f in folders}  # and the records'
         for folder in folders:
@@ -373,8 +375,14 @@ def _bag(partitions: list[list[Pair]], labels: list[int] | None) -> db.Bag:
     The pairs are the tasks' arguments, not keys of their own: the dashboard
     and the progress widget count ``merge-pair`` tasks only.
     """
-    name = f"{TASK_NAME}-{tokenize(partitions, labels)}"
-    graph = {(name, i): (merge_pairs, list(part), labels) for i, part in enumerate(partitions)}
+    # Plain tuples: Dask walks a namedtuple argument to rebuild it (40 ms for
+    # 2,000 pairs); merge_pairs makes Pairs again.
+    batches = [tuple(map(tuple, part)) for part in partitions]
+    # Named after the outputs and the cut, hashed as one string: tokenizing
+    # the nested tuples costs 30 ms per 2,000 pairs.
+    outputs = "\n".join(pair.output for part in partitions for pair in part)
+    name = f"{TASK_NAME}-{tokenize(outputs, [len(b) for b in batches], labels)}"
+    graph = {(name, i): (merge_pairs, batch, labels) for i, batch in enumerate(batches)}
     return db.Bag(graph, name, len(partitions))
 
 
@@ -395,7 +403,7 @@ def _run_local(partitions, labels, scheduler: str, workers: int, progress: bool)
 
 
 def _run_processes(partitions, labels, *, workers: int, retries: int, progress: bool) -> list[Record]:
-    """Run on a spawned process pool and survive workers that die.
+    """Run on a process pool and survive workers that die.
 
     A dead child breaks the whole pool (``BrokenProcessPool``).  The tasks
     that had finished keep their records; those that had not started run in a
@@ -436,24 +444,47 @@ def _isolate(suspects, labels, retries: int, progress: bool) -> list[Record]:
     return records
 
 
-def _start_pool(workers: int) -> ProcessPoolExecutor:
-    """A pool of ``workers`` spawned processes (started as tasks are submitted).
+def _pool_context():
+    """The start method of the pool's workers: forked from a clean fork server.
 
-    Spawned, not forked: the pipeline may run CUDA in this process.  A child
-    unpickles :func:`~dask_merge.tasks.pool_worker` and Dask's task runner, so
-    it imports the kernel, numpy and Dask's core, not distributed or torch
-    (except through the parent's ``__main__``, which every spawned child
-    re-imports).
+    Never forked from this process: the pipeline may run CUDA here, and a
+    notebook has threads.  The fork server (Python's default from 3.14 on)
+    starts once per interpreter, without torch or distributed, and imports
+    the kernel, numpy, Dask's core and the parent's ``__main__`` script
+    (which spawned workers would each import again).  Workers then start in
+    milliseconds, retry pools too.  Where there is no fork server (Windows),
+    workers are spawned.
+
+    Called early, it starts the server, which imports while this process
+    plans the batches.
     """
     import multiprocessing
 
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    # Read when the server starts (the first pool of this interpreter), else ignored.
+    context.set_forkserver_preload(["__main__", "dask_merge.tasks", "dask.local"])
+    forkserver.ensure_running()
+    return context
+
+
+def _start_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of ``workers`` processes, started as tasks are submitted.
+
+    A worker unpickles :func:`~dask_merge.tasks.pool_worker` and Dask's task
+    runner: it holds the kernel, numpy and Dask's core, not distributed or
+    torch (unless the parent's ``__main__`` imports them).
+    """
     threads = max(1, (os.cpu_count() or 1) // workers)
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+    return ProcessPoolExecutor(workers, mp_context=_pool_context(),
                                initializer=pool_worker, initargs=(threads,))
 
 
 def _compute_in_pool(partitions, labels, workers: int, progress: bool):
-    """Compute the bag on Dask's processes scheduler with a new spawn pool.
+    """Compute the bag on Dask's processes scheduler with a new pool.
 
     Returns (finished, running, broken): ``finished`` maps partition index
     to records, ``running`` holds the indices of tasks in flight when the

@@ -1,8 +1,8 @@
 """What runs on a worker: merge a batch of pairs, checkpoint each, return small records.
 
 This module imports the kernel and nothing of Dask, distributed or torch, so
-that a spawned pool process of the ``processes`` scheduler imports numpy, the
-kernel and only the core of Dask that runs its tasks.
+that a pool process of the ``processes`` scheduler holds numpy, the kernel
+and only the core of Dask that runs its tasks.
 :mod:`dask_merge.engine` schedules these functions; they are re-exported there.
 """
 
@@ -91,7 +91,7 @@ def limit_threads(threads: int) -> None:
 
 
 def pool_worker(threads: int) -> None:
-    """Initializer of the spawned pool's processes.
+    """Initializer of the pool's processes.
 
     Ctrl-C is the parent's to handle: a terminal sends SIGINT to the whole
     process group, and the parent stops the workers itself (no tracebacks

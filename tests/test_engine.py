@@ -197,7 +197,7 @@ def test_plan_and_report_have_short_reprs(tmp_path):
 
 
 def test_import_is_light_and_the_engine_loads_on_first_use():
-    """`import dask_merge` (what a spawned worker does) imports no Dask; the API is all there."""
+    """`import dask_merge` (what a pool worker needs) imports no Dask; the API is all there."""
     code = """if True:
         import sys, dask_merge
         heavy = [m for m in ("dask", "distributed", "torch") if m in sys.modules]
