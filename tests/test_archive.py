@@ -73,6 +73,15 @@ def test_write_archive_takes_an_array_in_blocks(tmp_path):
         _write(tmp_path / "short.pt", {"data": short})
 
 
+def test_small_archives_zipped_in_memory_are_the_same_bytes(tmp_path, monkeypatch):
+    obj = {"ids": ["a", "ü"], "data": _sample(np.float32, (2, 300)), "labels": [1, 0]}
+    _write(tmp_path / "memory.pt", obj, name="x")
+    monkeypatch.setattr(archive, "SMALL_ARCHIVE", 0)  # straight to the file, as large ones go
+    _write(tmp_path / "direct.pt", obj, name="x")
+    assert (tmp_path / "memory.pt").read_bytes() == (tmp_path / "direct.pt").read_bytes()
+    assert torch.equal(torch.load(tmp_path / "memory.pt")["data"], torch.from_numpy(obj["data"]))
+
+
 def test_write_archive_storages_are_aligned_for_mmap(tmp_path):
     path = tmp_path / "aligned.pt"
     _write(path, {"a": np.ones(3, np.float32), "b": np.ones(5, np.float64), "ids": ["q" * 7]})
