@@ -114,7 +114,7 @@ def read_features(path: str | os.PathLike[str], kind: str) -> FeatureFile:
         The pickle asks for anything beyond tensors and plain containers.
     """
     path = os.fspath(path)
-    archive = TorchArchive.open(path)
+    archive = TorchArchive.open(path, slot=kind)
     obj = archive.load()
     ids_key = _LAYOUTS[kind][1][0]
     _check_layout(path, obj, kind)

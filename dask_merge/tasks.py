@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from .archive import keep_read_buffers, reused_read_buffers
 from .errors import MergeError
 from .formats import grouped_folder_syncs
 from .merge import merge_pair
@@ -68,7 +69,7 @@ def merge_one(pair: Pair, labels: list[int] | None) -> Record:
 
 def merge_pairs(pairs: Sequence[Pair], labels: list[int] | None) -> list[Record]:
     """The task of one batch (a bag partition): merge its pairs one after another."""
-    with grouped_folder_syncs():
+    with grouped_folder_syncs(), reused_read_buffers():
         return [merge_one(Pair(*pair), labels) for pair in pairs]
 
 
@@ -101,3 +102,5 @@ def pool_worker(threads: int) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     limit_threads(threads)
+    # The process lives for one run: its input buffers serve every task.
+    keep_read_buffers()

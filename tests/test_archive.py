@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import struct
+import threading
 import zipfile
 
 import numpy as np
 import pytest
 import torch
 
-from dask_merge import archive
+from dask_merge import archive, merge_pair
 from dask_merge.archive import FloatRun, TensorRef, TorchArchive, write_archive
 from dask_merge.errors import FileFormatError
 
@@ -299,7 +301,11 @@ def test_record_fast_paths_never_change_the_outcome_of_a_damaged_pickle(tmp_path
                                    source.pickle_offset + source.pickle_size - 2))
         raw[at] = data.draw(st.integers(0, 255))
     damaged = TorchArchive(bytes(raw), path)
-    assert _same(_load(damaged, fast=True)[0], _load(damaged, fast=False)[0])
+    outcome = _load(damaged, fast=True)[0]
+    assert _same(outcome, _load(damaged, fast=False)[0])
+    # Read into a reused buffer, the archive is a view of a bytearray: the same outcome.
+    viewed = TorchArchive(memoryview(bytearray(raw + b"spare"))[: len(raw)], path)
+    assert _same(_load(viewed, fast=True)[0], outcome)
 
 
 def _same(a, b, seen=None) -> bool:
@@ -363,7 +369,54 @@ def test_a_damaged_zip_directory_is_a_clear_error(data):
     start = data.draw(st.sampled_from([0, directory - 200]))
     for _ in range(data.draw(st.integers(1, 4))):
         raw[data.draw(st.integers(start, len(raw) - 1))] = data.draw(st.integers(0, 255))
-    try:
-        TorchArchive(bytes(raw), "damaged.pt").load()
-    except FileFormatError as err:
-        assert str(err).startswith("damaged.pt: ")
+    outcomes = []
+    for buffer in (bytes(raw), memoryview(raw)):  # as read, or in a reused buffer
+        try:
+            TorchArchive(buffer, "damaged.pt").load()
+            outcomes.append(None)
+        except FileFormatError as err:
+            assert str(err).startswith("damaged.pt: ")
+            outcomes.append(str(err))
+    assert outcomes[0] == outcomes[1]
+
+
+# --- reused read buffers -----------------------------------------------------------------
+
+
+def test_merges_through_reused_read_buffers_write_the_same_bytes(tmp_path):
+    # Inputs that shrink, then outgrow the buffer: each is read where the last one was.
+    for folder in ("in", "plain", "reused"):
+        (tmp_path / folder).mkdir()
+    pairs = [make_pair(tmp_path / "in", f"p{i}", rows=rows, nucleotide_width=8, protein_width=12,
+                       seed=i) for i, rows in enumerate([30, 4, 50, 1])]
+    for pair in pairs:
+        merge_pair(pair.nucleotide, pair.protein, tmp_path / "plain" / f"{pair.stem}.pt")
+    buffers = []
+    with archive.reused_read_buffers():
+        for pair in pairs:
+            merge_pair(pair.nucleotide, pair.protein, tmp_path / "reused" / f"{pair.stem}.pt")
+            buffers.append(archive._read_buffers.pool["protein"])
+    assert archive._read_buffers.pool is None  # released with the block
+    assert buffers[1] is buffers[0] and buffers[2] is not buffers[1]  # kept, then outgrown
+    for pair in pairs:
+        plain = (tmp_path / "plain" / f"{pair.stem}.pt").read_bytes()
+        assert (tmp_path / "reused" / f"{pair.stem}.pt").read_bytes() == plain, pair.stem
+
+
+def test_an_input_longer_than_its_size_is_read_whole(tmp_path):
+    # A pipe has no size (nor has a file that grows as it is read): read on to the end.
+    pair = make_pair(tmp_path, "p", rows=20, nucleotide_width=8, protein_width=12)
+    content = open(pair.nucleotide, "rb").read()
+    fifo = tmp_path / "piped_DNABERT_S.pt"
+    os.mkfifo(fifo)
+
+    def feed():
+        with open(fifo, "wb") as f:
+            f.write(content)
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    with archive.reused_read_buffers():
+        piped = TorchArchive.open(fifo, slot="nucleotide").load()
+    writer.join(timeout=30)
+    assert piped == TorchArchive.open(pair.nucleotide).load()
