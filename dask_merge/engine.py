@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import html
 import json
+import math
 import os
 import sys
 import time
@@ -346,21 +347,28 @@ def run(
 
 
 def _partitions(pending: list[Pair], size: int | None, workers: int) -> list[list[Pair]]:
-    """Split the pairs into tasks.
+    """Split the pairs into tasks (of ``size`` pairs, if given).
 
-    A 10,000-row pair takes a second: one task each.  Thousands of 10-row pairs
-    take milliseconds each, less than a task costs to schedule: batch them to
-    about :data:`TARGET_PARTITION_BYTES` of input, yet keep at least four tasks
-    per worker so that all stay busy to the end.
+    A 10,000-row pair takes half a second: one task each.  Thousands of
+    10-row pairs take a millisecond each, about what a task costs to
+    schedule: batch them to about :data:`TARGET_PARTITION_BYTES` of input,
+    yet make at least four tasks per worker, a multiple of the workers, all
+    of one size (give or take a pair), so that all workers finish together.
+
+    >>> _partitions(list(range(10)), 4, workers=2)
+    [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     """
     if not pending:
         return []
-    if size is None:
-        sizes = [_input_bytes(p) for p in pending[:100]]
-        per_pair = max(sum(sizes) / len(sizes), 1)
-        size = int(min(TARGET_PARTITION_BYTES // per_pair, len(pending) / (4 * workers)))
-    size = max(size, 1)
-    return [pending[i : i + size] for i in range(0, len(pending), size)]
+    if size is not None:
+        size = max(size, 1)
+        return [pending[i : i + size] for i in range(0, len(pending), size)]
+    sizes = [_input_bytes(p) for p in pending[:100]]
+    per_pair = max(sum(sizes) / len(sizes), 1)
+    tasks = max(4 * workers, math.ceil(len(pending) * per_pair / TARGET_PARTITION_BYTES))
+    tasks = min(len(pending), -(-tasks // workers) * workers)  # a multiple of the workers
+    cuts = [len(pending) * i // tasks for i in range(tasks + 1)]
+    return [pending[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
 def _input_bytes(pair: Pair) -> int:

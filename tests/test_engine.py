@@ -147,6 +147,10 @@ def test_tasks_are_named_for_the_dashboard_and_tiny_pairs_are_batched(tmp_path):
     batches = _partitions(tiny, None, workers=2)
     assert len(batches) == 8 and sum(map(len, batches)) == 400  # four tasks per worker
     assert [p for part in batches for p in part] == tiny
+    # Tasks of one size (give or take a pair), a multiple of the workers: all end together.
+    uneven = _partitions(tiny[:401], None, workers=3)
+    assert len(uneven) % 3 == 0 and max(map(len, uneven)) - min(map(len, uneven)) <= 1
+    assert [p for part in uneven for p in part] == tiny[:401]
     big = make_pair(tmp_path, "big", rows=2000)  # ~22 MB of input
     pairs = [Pair(f"b{i}", str(big.nucleotide), str(big.protein), f"o{i}") for i in range(40)]
     assert {len(part) for part in _partitions(pairs, None, workers=2)} == {1}
