@@ -252,6 +252,7 @@ class _ReadBuffers(threading.local):
 
 
 _read_buffers = _ReadBuffers()
+_keep_buffers = False  # see keep_read_buffers
 
 
 @contextlib.contextmanager
@@ -272,13 +273,18 @@ def reused_read_buffers() -> Iterator[None]:
     try:
         yield
     finally:
-        _read_buffers.pool = None
+        if not _keep_buffers:
+            _read_buffers.pool = None
 
 
 def keep_read_buffers() -> None:
-    """Reuse read buffers in this thread for good: for a process that lives for one run."""
-    if _read_buffers.pool is None:
-        _read_buffers.pool = {}
+    """Keep each thread's read buffers past its blocks: for a process that lives for one run.
+
+    A worker of the pool, or of a cluster started for one run, then reads each
+    pair into the memory of the previous one, even with one pair per task.
+    """
+    global _keep_buffers
+    _keep_buffers = True
 
 
 def _read(f: BinaryIO, slot: str | None) -> bytes | memoryview:

@@ -53,7 +53,9 @@ from dask.base import tokenize
 
 from .formats import label_value, remove_stale_temporaries
 from .plan import RECORD_FOLDER, Checkpoint, Pair, checkpoint_state, find_pairs
-from .tasks import Record, crashed, merge_one, merge_pairs, pool_worker  # noqa: F401 (merge_one)
+from .tasks import (  # noqa: F401 (merge_one)
+    Record, crashed, keep_read_buffers, merge_one, merge_pairs, pool_worker,
+)
 
 # Dask's local schedulers as functions: given by name, ``compute`` first imports
 # distributed to look for a default client, 0.2 s of every run.
@@ -554,6 +556,7 @@ def _distributed_client(scheduler, scheduler_file, client, workers, dashboard_ad
                 LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                              host="127.0.0.1", dashboard_address=dashboard_address) as cluster, \
                 Client(cluster) as local:
+            local.run(keep_read_buffers)  # its workers live for this run only
             yield local
         return
     target = {"scheduler_file": scheduler_file} if scheduler_file else {"address": scheduler}

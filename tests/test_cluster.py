@@ -222,3 +222,24 @@ def test_tasks_are_sized_by_the_threads_of_a_cluster_reached_by_address(cluster,
                                 workers=1, progress=False)
     assert threads == 2 and report.counts["merged"] == 64
     assert len(_merge_tasks(stream)) == 4 * threads
+
+
+_KEPT = "__import__('dask_merge.archive').archive._keep_buffers"
+
+
+def test_workers_of_a_run_keep_read_buffers_and_a_shared_cluster_s_do_not(cluster, tmp_path):
+    # A LocalCluster started for one run lives as long as it: its workers read
+    # each pair into the memory of the last.  An existing cluster's workers
+    # serve others too: their buffers go with each task.
+    from distributed import Client
+
+    from dask_merge.engine import _distributed_client
+
+    with _distributed_client("local", None, None, 2, "127.0.0.1:0", 1) as client:
+        assert list(client.run(eval, _KEPT).values()) == [True, True]
+    address, _ = cluster
+    features = _tiny_pairs(tmp_path / "features")
+    report = dask_merge.run(features, output_dir=tmp_path / "out", scheduler=address, progress=False)
+    assert report.ok
+    with Client(address, timeout="30s") as observer:
+        assert set(observer.run(eval, _KEPT).values()) == {False}

@@ -253,6 +253,9 @@ def test_pool_workers_import_neither_distributed_nor_torch(tmp_path):
         records = bag.compute(scheduler="processes", pool=pool, optimize_graph=False)
         # Ask the same worker, after a merge, what it has imported.
         modules = pool.submit(eval, "sorted(__import__('sys').modules)").result(timeout=60)
+        # A pool worker lives for one run: it keeps its read buffers from task to task.
+        kept = pool.submit(eval, "__import__('dask_merge.archive').archive._keep_buffers")
+        assert kept.result(timeout=60) is True
     finally:
         pool.shutdown()
     assert [r.status for r in records] == ["merged", "merged"]
