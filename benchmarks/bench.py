@@ -326,18 +326,30 @@ def verify(upstream: str, merged: str) -> dict:
 RAM_OUT = Path("/dev/shm/dask_merge_bench")  # outputs on tmpfs: no disk flushes at all
 
 
-def bench_engine(name: str, folder: Path, configs: list[tuple], repeat: int) -> dict:
-    """Run each (label, scheduler, workers, partition_size[, output folder]) ``repeat`` times."""
+def bench_engine(name: str, folder: Path, configs: list[tuple], repeat: int, *,
+                 in_ram: tuple[str, ...] = ()) -> dict:
+    """Run each (label, scheduler, workers, partition_size) ``repeat`` times.
+
+    The configurations labelled in ``in_ram`` run once more with their
+    outputs on tmpfs, as "LABEL, outputs in RAM": no disk flush to share.
+    """
+    on_disk = [(*c, folder.parent / "out") for c in configs]
+    in_tmpfs = [(f"{label}, outputs in RAM", *rest, RAM_OUT)
+                for label, *rest in configs if label in in_ram and RAM_OUT.parent.is_dir()]
+    configs = on_disk + in_tmpfs
     runs: dict[str, list[dict]] = {}
-    for i in range(repeat):
-        for label, scheduler, workers, partition_size, *where in configs:
-            out = where[0] if where else folder.parent / "out"
-            out.mkdir(parents=True, exist_ok=True)
-            result = run_child("engine", str(folder), str(out), scheduler, workers, partition_size)
-            runs.setdefault(label, []).append(result)
-            _log(f"{name} {i + 1}/{repeat} {label:24s} {result['seconds']:7.3f} s  "
-                 f"({result['pairs']} pairs, {result['tasks']} tasks; "
-                 f"others used {result['others_cores']:.1f} cores)")
+    try:
+        for i in range(repeat):
+            for label, scheduler, workers, partition_size, where in configs:
+                where.mkdir(parents=True, exist_ok=True)
+                result = run_child("engine", str(folder), str(where), scheduler, workers,
+                                   partition_size)
+                runs.setdefault(label, []).append(result)
+                _log(f"{name} {i + 1}/{repeat} {label:24s} {result['seconds']:7.3f} s  "
+                     f"({result['pairs']} pairs, {result['tasks']} tasks; "
+                     f"others used {result['others_cores']:.1f} cores)")
+    finally:
+        shutil.rmtree(RAM_OUT, ignore_errors=True)
     return runs
 
 
@@ -345,13 +357,9 @@ def bench_scaling(repeat: int, pairs: int) -> dict:
     folder = scaling_set(pairs)
     configs = [("processes, 1 worker", "processes", 1, None),
                ("processes, 2 workers", "processes", 2, None)]
-    if RAM_OUT.parent.is_dir():  # the same, without the disk (2 GB of fsynced outputs)
-        configs += [("processes, 1 worker, outputs in RAM", "processes", 1, None, RAM_OUT),
-                    ("processes, 2 workers, outputs in RAM", "processes", 2, None, RAM_OUT)]
-    try:
-        return {"pairs": pairs, "runs": bench_engine("scaling", folder, configs, repeat)}
-    finally:
-        shutil.rmtree(RAM_OUT, ignore_errors=True)
+    # In RAM too: 16 big pairs write 2 GB of fsynced outputs.
+    runs = bench_engine("scaling", folder, configs, repeat, in_ram=tuple(c[0] for c in configs))
+    return {"pairs": pairs, "runs": runs}
 
 
 def bench_overhead(repeat: int, pairs: int) -> dict:
@@ -363,13 +371,10 @@ def bench_overhead(repeat: int, pairs: int) -> dict:
         ("local, 2w, auto", "local", 2, None),
         ("local, 2w, 1/task", "local", 2, 1),
     ]
-    if RAM_OUT.parent.is_dir():  # the same, without the disk: what is the scheduler's?
-        configs += [("sync, outputs in RAM", "sync", 1, None, RAM_OUT),
-                    ("processes, 2w, auto, outputs in RAM", "processes", 2, None, RAM_OUT)]
-    try:
-        return {"pairs": pairs, "runs": bench_engine("overhead", folder, configs, repeat)}
-    finally:
-        shutil.rmtree(RAM_OUT, ignore_errors=True)
+    # In RAM too: what is the scheduler's cost, and what the disk's?
+    runs = bench_engine("overhead", folder, configs, repeat,
+                        in_ram=("sync", "processes, 2w, auto"))
+    return {"pairs": pairs, "runs": runs}
 
 
 # --- reporting -----------------------------------------------------------------------
