@@ -160,6 +160,21 @@ def test_tasks_are_named_for_the_dashboard_and_tiny_pairs_are_batched(tmp_path):
     assert all(str(key[0]).startswith(f"{TASK_NAME}-") for key in bag.__dask_keys__())
 
 
+def test_the_pool_runs_merge_tasks_and_nothing_else(tmp_path):
+    # bag.compute would add a task that ships every record to a worker and
+    # back, to join them into a list the engine does not use.
+    from dask.callbacks import Callback
+    from dask.utils import key_split
+
+    make_dataset(tmp_path / "features", pairs=6, rows=5, nucleotide_width=3, protein_width=4)
+    keys = []
+    with Callback(posttask=lambda key, result, dsk, state, worker_id: keys.append(key)):
+        report = dask_merge.run(tmp_path / "features", output_dir=tmp_path / "out",
+                                scheduler="processes", workers=2, progress=False)
+    assert report.counts["merged"] == 6
+    assert keys and {key_split(key) for key in keys} == {TASK_NAME}, keys
+
+
 def test_configuration_errors_name_the_path(tmp_path):
     with pytest.raises(dask_merge.ConfigurationError, match="nope"):
         dask_merge.plan(tmp_path / "nope", output_dir=tmp_path / "out")
