@@ -226,7 +226,9 @@ class Plan:
         workers = workers or os.cpu_count() or 1
         skipped = [Record(p.name, "skipped", reason=c.reason, output=p.output) for p, c in self.done]
         start = time.perf_counter()
-        if self.pending and scheduler == "processes" and client is None and not scheduler_file:
+        given = client is not None or bool(scheduler_file)  # a cluster, whatever `scheduler` says
+        local = not given and scheduler in LOCAL_SCHEDULERS
+        if self.pending and local and scheduler == "processes":
             _pool_context()  # the workers' imports, meanwhile
         folders = {os.path.dirname(p.output) for p in self.pending}
         folders |= {os.path.join(f, RECORD_FOLDER) for f in folders}  # and the records'
@@ -237,7 +239,7 @@ class Plan:
         try:
             if not self.pending:
                 records = []
-            elif client is not None or scheduler_file or scheduler not in LOCAL_SCHEDULERS:
+            elif not local:
                 with _distributed_client(scheduler, scheduler_file, client, workers,
                                          dashboard_address, retries) as active:
                     dashboard = active.dashboard_link
@@ -267,7 +269,7 @@ class Plan:
         order = {p.name: i for i, p in enumerate(self.pending)}
         records.sort(key=lambda r: order[r.name])
         return Report(skipped + records, self.unpaired, time.perf_counter() - start,
-                      scheduler if client is None and not scheduler_file else "cluster", dashboard)
+                      "cluster" if given else scheduler, dashboard)
 
     def __repr__(self) -> str:
         return (f"<Plan: {len(self.pending)} pending, {len(self.done)} checkpointed, "
