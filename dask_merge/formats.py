@@ -271,7 +271,8 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None], *, durable: bool 
     one path each rename a complete file; the last one wins.  From just
     after its creation until its rename, the temporary holds an exclusive
     lock: an unlocked temporary is a dead writer's, and
-    :func:`remove_stale_temporaries` removes it.
+    :func:`remove_stale_temporaries` removes it.  A big file goes to the
+    disk as it is written, not all at the fsync (:class:`_EarlyWriteback`).
 
     ``durable=False`` skips both fsyncs, for files whose loss or truncation
     by a power cut is harmless (checkpoint records): the rename still makes
@@ -290,7 +291,7 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None], *, durable: bool 
         raise OutputError(f"{path}: cannot write in {folder} ({err.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            write(_EarlyWriteback(f) if durable and _CAN_START_WRITEBACK else f)
             f.flush()
             if durable:
                 os.fsync(f.fileno())
@@ -310,6 +311,42 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None], *, durable: bool 
 
 
 _deferred = threading.local()
+
+# Linux and most Unixes; not macOS or Windows, where the fsync does it all.
+_CAN_START_WRITEBACK = hasattr(os, "posix_fadvise")
+
+
+class _EarlyWriteback:
+    """A file being written that hands each few MiB to the disk straight away.
+
+    Left alone, the kernel keeps a big output dirty in memory until the
+    fsync at its end, which then waits for all of it while the CPU idles;
+    16 merged files of 133 MB take 4.5 s on two workers that way, 3.8 s
+    like this.  ``POSIX_FADV_DONTNEED`` on what was just written starts its
+    writeback (PostgreSQL does the same where it lacks ``sync_file_range``)
+    and drops the pages already on disk from the page cache: a batch job
+    never reads its outputs back, and the inputs stay cached instead.
+    Seeks (zipfile rewrites each member's header) go to the file unchanged.
+    """
+
+    def __init__(self, file: BinaryIO, *, every: int = 8 << 20) -> None:
+        self._file = file
+        self._every = every
+        self._handed = 0  # bytes before this offset were handed to the disk
+
+    def write(self, data) -> int:
+        written = self._file.write(data)
+        end = self._file.tell()
+        if end - self._handed >= self._every:
+            self._file.flush()  # out of Python's buffer, into the kernel's
+            with contextlib.suppress(OSError):  # advice only: the fsync still decides
+                os.posix_fadvise(self._file.fileno(), self._handed, end - self._handed,
+                                 os.POSIX_FADV_DONTNEED)
+            self._handed = end
+        return written
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
 
 
 @contextlib.contextmanager

@@ -684,3 +684,35 @@ def test_only_durable_writes_are_fsynced(tmp_path, monkeypatch):
     assert flushed == synced == [] and (tmp_path / "record.json").read_bytes() == b"{}"
     formats.atomic_write(str(tmp_path / "output.pt"), lambda f: f.write(b"data"))
     assert len(flushed) == 1 and synced == [str(tmp_path)]
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise (macOS, Windows)")
+def test_big_durable_writes_go_to_the_disk_as_they_are_written(tmp_path, monkeypatch):
+    advised = []
+    real = formats.os.posix_fadvise
+
+    def spy(fd, offset, length, advice):
+        advised.append((offset, length, advice))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(formats.os, "posix_fadvise", spy)
+    block = bytes(range(256)) * (1 << 14)  # 4 MiB
+
+    def write(f):  # as zipfile does: a header, the data, then the header again
+        f.write(b"H" * 100)
+        for _ in range(5):
+            f.write(block)
+        f.seek(0)
+        f.write(b"h" * 100)
+        f.seek(0, os.SEEK_END)
+        f.write(b"tail")
+
+    formats.atomic_write(str(tmp_path / "big.pt"), write)
+    assert (tmp_path / "big.pt").read_bytes() == b"h" * 100 + block * 5 + b"tail"
+    # Each 8 MiB handed on once, in order, none twice; the rest is the fsync's.
+    assert advised == [(0, 100 + 2 * len(block), os.POSIX_FADV_DONTNEED),
+                       (100 + 2 * len(block), 2 * len(block), os.POSIX_FADV_DONTNEED)]
+    advised.clear()
+    formats.atomic_write(str(tmp_path / "record.json"), write, durable=False)
+    formats.atomic_write(str(tmp_path / "small.pt"), lambda f: f.write(block))
+    assert advised == []  # not durable, or too small to bother
