@@ -8,8 +8,8 @@ these schedulers:
 ==============  ==================================================================
 ``processes``   the default: Dask's processes scheduler on a pool of processes
                 forked from a clean fork server, nothing else to start; they
-                hold Dask's core and the kernel, not distributed or torch
-                (unless the parent's ``__main__`` script imports them)
+                hold Dask's core and the kernel, not distributed or torch,
+                nor anything of the parent's ``__main__`` script
 ``threads``     one process, a thread pool
 ``sync``        one process, one thread, plain loop: for debugging (pdb works)
 ``local``       a :class:`distributed.LocalCluster` started and closed here, with
@@ -51,6 +51,7 @@ import dask.multiprocessing
 import dask.threaded
 from dask.base import tokenize
 
+from ._worker_main import parent_main_announced
 from .formats import label_value, remove_stale_temporaries
 from .plan import RECORD_FOLDER, Checkpoint, Pair, checkpoint_state, find_pairs
 from .tasks import (  # noqa: F401 (merge_one)
@@ -462,10 +463,11 @@ def _pool_context():
     Never forked from this process: the pipeline may run CUDA here, and a
     notebook has threads.  The fork server (Python's default from 3.14 on)
     starts once per interpreter, without torch or distributed, and imports
-    the kernel, numpy, Dask's core and the parent's ``__main__`` script
-    (which spawned workers would each import again).  Workers then start in
-    milliseconds, retry pools too.  Where there is no fork server (Windows),
-    workers are spawned.
+    the kernel, numpy and Dask's core.  Workers then start in milliseconds,
+    retry pools too.  They never run the parent's ``__main__`` script,
+    which spawned workers would each run again
+    (:mod:`dask_merge._worker_main`).  Where there is no fork server
+    (Windows), workers are spawned.
 
     Called early, it starts the server, which imports while this process
     plans the batches.
@@ -478,8 +480,9 @@ def _pool_context():
 
     context = multiprocessing.get_context("forkserver")
     # Read when the server starts (the first pool of this interpreter), else ignored.
-    context.set_forkserver_preload(["__main__", "dask_merge.tasks", "dask.local"])
-    forkserver.ensure_running()
+    context.set_forkserver_preload(["dask_merge._worker_main", "dask_merge.tasks", "dask.local"])
+    with parent_main_announced():
+        forkserver.ensure_running()
     return context
 
 
@@ -488,7 +491,8 @@ def _start_pool(workers: int) -> ProcessPoolExecutor:
 
     A worker unpickles :func:`~dask_merge.tasks.pool_worker` and Dask's task
     runner: it holds the kernel, numpy and Dask's core, not distributed or
-    torch (unless the parent's ``__main__`` imports them).
+    torch, nor the parent's ``__main__`` script (but where workers are
+    spawned, on Windows).
     """
     threads = max(1, (os.cpu_count() or 1) // workers)
     return ProcessPoolExecutor(workers, mp_context=_pool_context(),

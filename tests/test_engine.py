@@ -257,6 +257,37 @@ def test_a_local_run_never_imports_distributed(tmp_path, scheduler):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.parametrize("how", ["path", "module"])
+def test_pool_workers_never_run_the_parents_script(tmp_path, how):
+    # A pipeline script imports torch, has side effects and, written in a
+    # hurry, no `if __name__ == "__main__":` guard.  Workers that ran it again
+    # (as spawned ones do, and forked ones before Python 3.13) would import
+    # torch each and start the run again inside themselves.
+    make_dataset(tmp_path / "features", pairs=3, rows=5, nucleotide_width=3, protein_width=4)
+    code = f"""
+import os, sys
+import torch
+import dask_merge
+from dask_merge.engine import _start_pool
+
+with open({str(tmp_path / "ran")!r}, "a") as f:
+    f.write(f"{{os.getpid()}}\\n")
+report = dask_merge.run({str(tmp_path / "features")!r}, output_dir={str(tmp_path / "out")!r},
+                        scheduler="processes", workers=2, progress=False)
+assert report.counts["merged"] == 3, report.summary()
+pool = _start_pool(1)
+modules = pool.submit(eval, "sorted(__import__('sys').modules)").result(timeout=60)
+pool.shutdown()
+assert "torch" not in modules and "dask_merge.tasks" in modules, modules
+"""
+    (tmp_path / "pipeline.py").write_text(code)
+    command = [sys.executable, *(["pipeline.py"] if how == "path" else ["-m", "pipeline"])]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    ran = (tmp_path / "ran").read_text().split()
+    assert len(ran) == 1, f"the script ran in {len(ran)} processes"
+
+
 def test_pool_workers_import_neither_distributed_nor_torch(tmp_path):
     # The processes scheduler's children pay for what they import, once per
     # run: Dask's core and the kernel, not distributed or torch.
