@@ -774,7 +774,7 @@ class _Unpickler:
     def _tensor(self, pos, storage, offset, shape, stride, requires_grad, hooks) -> TensorRef:
         # The tuple checks come first: len() of anything else would raise.
         if not (type(shape) is tuple and type(stride) is tuple and len(shape) == len(stride)
-                and {*map(type, shape + stride)} <= _INT and type(storage) is StorageRef
+                and {*map(type, shape + stride)} <= _INT_TYPE and type(storage) is StorageRef
                 and type(offset) is int and type(requires_grad) is bool and hooks == {}):
             raise self._broken(pos, "tensor with malformed arguments")
         sizes = shape + stride
@@ -799,7 +799,7 @@ def _reach(size: int, stride: int) -> int:
     return (size - 1) * stride
 
 
-_INT = {int}
+_INT_TYPE = {int}
 
 
 # --- writing ----------------------------------------------------------------
