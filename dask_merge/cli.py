@@ -19,8 +19,8 @@ if TYPE_CHECKING:
     from .engine import Report
 
 # The engine (and with it distributed and dask.bag) is imported by the
-# commands, not here: the pool's fork server imports the `dask-merge` script,
-# hence this module, and its workers need none of them.
+# commands, not here: `dask-merge --help` stays quick, and workers that are
+# spawned (on Windows; elsewhere they never run this script) need none of it.
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
 

@@ -83,7 +83,8 @@ def limit_threads(threads: int) -> None:
     """Cap OpenMP / MKL / OpenBLAS threads of this process: workers x threads <= cores.
 
     The merge itself uses no threads; a torch or BLAS library imported by the
-    user's ``__main__`` would otherwise start one thread per core in each worker.
+    user's ``__main__`` (which spawned workers run again, on Windows) would
+    otherwise start one thread per core in each worker.
     """
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
