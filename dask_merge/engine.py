@@ -589,7 +589,7 @@ def _cluster_threads(client) -> int:
 
 
 def _run_distributed(client, partitions, labels, *, retries, progress, performance_report):
-    from distributed import as_completed, performance_report as dask_report
+    from distributed import performance_report as dask_report
 
     first = partitions[0][0]
     missing = client.submit(_paths_visible, [first.nucleotide, first.protein,
@@ -600,22 +600,47 @@ def _run_distributed(client, partitions, labels, *, retries, progress, performan
             "client (a shared file system, mounted at the same place)"
         )
     report = dask_report(filename=performance_report) if performance_report else contextlib.nullcontext()
-    records: list[Record] = []
     with report:
-        futures = client.compute(_bag(partitions, labels).to_delayed(), retries=retries)
-        index = {f.key: i for i, f in enumerate(futures)}
-        shown = _show_progress(client, futures) if progress else None
-        # Waiting on futures blocks on a lock, not on the event loop: the
-        # client's IO loop (its own thread) keeps running, and with it the widget.
-        for future in as_completed(futures):
-            try:
-                records += future.result()
-            except Exception as err:  # KilledWorker: the task killed its workers
-                why = f"the Dask worker died while merging ({type(err).__name__}: {err})"
-                records += crashed(partitions[index[future.key]], why)
-        if shown is not None:
-            shown.finish()
+        records, dead = _compute_on_cluster(client, partitions, labels, retries, progress)
+        # A batch that killed its workers holds a culprit and, as likely,
+        # innocent pairs: each of its pairs runs alone, as on the pool.
+        alone = [[pair] for part, _ in dead if len(part) > 1 for pair in part]
+        if alone:
+            more, dead_alone = _compute_on_cluster(client, alone, labels, retries, progress)
+            records += more
+            dead = [(part, why) for part, why in dead if len(part) == 1] + dead_alone
+    for part, why in dead:
+        records += crashed(part, why)
     return records
+
+
+def _compute_on_cluster(client, partitions, labels, retries: int, progress: bool):
+    """Compute the bag on the cluster.
+
+    Returns the records and the partitions whose task killed every worker
+    that ran it (``KilledWorker``), each with why.
+    """
+    from distributed import KilledWorker, as_completed
+
+    futures = client.compute(_bag(partitions, labels).to_delayed(), retries=retries)
+    index = {f.key: i for i, f in enumerate(futures)}
+    shown = _show_progress(client, futures) if progress else None
+    records: list[Record] = []
+    dead = []
+    # Waiting on futures blocks on a lock, not on the event loop: the
+    # client's IO loop (its own thread) keeps running, and with it the widget.
+    for future in as_completed(futures):
+        try:
+            records += future.result()
+        except KilledWorker as err:
+            why = f"the Dask worker died while merging ({type(err).__name__}: {err})"
+            dead.append((partitions[index[future.key]], why))
+        except Exception as err:  # not the pairs' doing: the worker's environment
+            why = f"the Dask task failed ({type(err).__name__}: {err})"
+            records += crashed(partitions[index[future.key]], why)
+    if shown is not None:
+        shown.finish()
+    return records, dead
 
 
 class _Widget:

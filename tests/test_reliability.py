@@ -2,8 +2,8 @@
 
 Every test here makes a real fault happen to a real run: the whole process
 group SIGKILLed, Ctrl-C (SIGINT) to the group or to the parent alone, a
-worker process killed while it merges a pair (on the process pool and on a
-LocalCluster), a full disk (a small tmpfs), a read-only folder (a read-only
+worker process killed while it merges a pair, alone or in a batch (on the
+process pool and on a LocalCluster), a full disk (a small tmpfs), a read-only folder (a read-only
 tmpfs), inputs or the output folder changed between planning and merging,
 and two runs over one output folder at once.  Afterwards, each test checks
 the same things:
@@ -389,6 +389,34 @@ def test_a_worker_killed_mid_pair_is_retried_then_reported(tmp_path, scheduler, 
     again = dask_merge.run(features, output_dir=out, scheduler="sync", progress=False)
     assert again.counts == {"merged": 1, "skipped": 5, "failed": 0}
     assert_outputs_correct(out, features)
+
+
+@pytest.mark.parametrize("scheduler", ["processes", "local"])
+def test_a_batch_whose_worker_dies_blames_only_the_culprit(tmp_path, scheduler):
+    """Three pairs per task: the victim's batch-mates are merged, not failed with it."""
+    features, out = _small_dataset(tmp_path / "features"), tmp_path / "out"
+    the_plan = dask_merge.plan(features, output_dir=out)
+    victim = Victim(features, "output_1")  # between two innocents of its batch
+    thread, result = _execute_in_thread(the_plan, scheduler=scheduler, workers=2, retries=1,
+                                        partition_size=3, dashboard_address="127.0.0.1:0")
+    try:
+        while thread.is_alive():  # every reader of the victim dies, to the last retry
+            with contextlib.suppress(AssertionError):
+                victim.reader(timeout=0.5)
+                victim.kill_reader()
+        thread.join()
+    finally:
+        victim.close()
+    assert "error" not in result, result.get("error")
+    report = result["report"]
+    victim.restore()
+    assert victim.kills >= 2  # the batch, then the pair alone
+    by_name = {r.name: r for r in report.records}
+    assert report.counts == {"merged": 5, "skipped": 0, "failed": 1}, report.summary()
+    assert by_name["output_1"].status == "failed"
+    assert "died while merging" in by_name["output_1"].error
+    assert_outputs_correct(out, features)
+    assert temporaries(out) == []
 
 
 # --- 4. a full disk ----------------------------------------------------------------------
