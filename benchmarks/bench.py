@@ -5,6 +5,7 @@
     python benchmarks/bench.py --quick          # 2 repetitions, smaller sets
     python benchmarks/bench.py --only kernel    # or scaling, overhead
     python benchmarks/bench.py --profile        # cProfile of merge_pair on the big pair
+    python benchmarks/bench.py --pool benchmarks/results/*.json  # paired ratios, pooled
 
 Three parts, each variant run in a fresh subprocess (so its peak RSS is its
 own) and repeated; medians are reported:
@@ -510,6 +511,56 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+# Goals that compare two engine variants: (part, baseline, variant).  Their
+# repetitions ran back to back, so each repetition gives a ratio of its own.
+PAIRED = {
+    "scaling": ("scaling", "processes, 1 worker", "processes, 2 workers"),
+    "overhead": ("overhead", "sync", "processes, 2w, auto"),
+}
+
+
+def paired_ratios(baseline: list[dict], variant: list[dict]) -> list[float]:
+    """Throughput of ``variant`` over ``baseline``, repetition by repetition.
+
+    >>> paired_ratios([{"seconds": 4.0}, {"seconds": 6.0}], [{"seconds": 2.0}, {"seconds": 4.0}])
+    [2.0, 1.5]
+    """
+    return [b["seconds"] / v["seconds"] for b, v in zip(baseline, variant)]
+
+
+def pooled(files: list[Path]) -> str:
+    """The paired ratios of several runs' results, pooled.
+
+    On a noisy machine one run's median flips around a goal from run to run;
+    the ratios of many back-to-back repetitions, pooled over runs of code
+    that is the same in what they measure, tell where it really lies.
+    """
+    ratios: dict[str, list[float]] = {}
+    runs: dict[str, int] = {}
+    commits = set()
+    for file in files:
+        results = json.loads(file.read_text())
+        commits.add(results["machine"]["commit"])
+        for goal, (part, baseline, variant) in PAIRED.items():
+            found = results.get(part, {}).get("runs", {})
+            if baseline in found and variant in found:
+                ratios.setdefault(goal, []).extend(paired_ratios(found[baseline], found[variant]))
+                runs[goal] = runs.get(goal, 0) + 1
+    lines = [f"{len(files)} result files, dask_merge {', '.join(sorted(commits))}"]
+    for goal, values in ratios.items():
+        values.sort()
+        middle = statistics.median(values)
+        low, _, high = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+        met = sum(v >= GOALS[goal] for v in values)
+        lines.append(
+            f"{goal}: {len(values)} paired repetitions in {runs[goal]} runs: median "
+            f"{middle:.2f}x (quartiles {low:.2f}-{high:.2f}, min-max {values[0]:.2f}-"
+            f"{values[-1]:.2f}); {met} of {len(values)} >= {GOALS[goal]:g}x; "
+            f"goal on the median: {_goal(middle >= GOALS[goal])}"
+        )
+    return "\n".join(lines)
+
+
 # --- main -----------------------------------------------------------------------------
 
 
@@ -542,8 +593,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--scaling-pairs", type=int, help="big pairs for scaling (default 16)")
     parser.add_argument("--tiny-pairs", type=int, help="tiny pairs for overhead (default 2000)")
     parser.add_argument("--profile", action="store_true", help="cProfile merge_pair on the big pair")
+    parser.add_argument("--pool", nargs="+", type=Path, metavar="RESULT",
+                        help="pool the paired ratios of these results/*.json files; run nothing")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.pool:
+        print(pooled(args.pool))
+        return
 
     if args.child:
         kind, *rest = json.loads(args.child)
