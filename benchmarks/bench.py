@@ -223,11 +223,16 @@ def child_floor(nucleotide: str, protein: str, output: str) -> dict:
 
 
 def child_engine(folder: str, output: str, scheduler: str, workers: int,
-                 partition_size: int | None) -> dict:
+                 partition_size: int | None, warm: bool = False) -> dict:
+    import dataclasses
+
     import dask_merge
     from dask_merge import engine
 
     planned = dask_merge.plan(folder, output_dir=output, force=True)
+    if warm:  # as a second run in a notebook: the pool's fork server is up
+        warm_up = dataclasses.replace(planned, pending=planned.pending[:workers])
+        warm_up.execute(scheduler, workers=workers, progress=False)
     tasks = len(engine._partitions(planned.pending, partition_size, workers))
     report = planned.execute(scheduler, workers=workers, progress=False,
                              partition_size=partition_size, dashboard_address="127.0.0.1:0")
@@ -329,11 +334,12 @@ RAM_OUT = Path("/dev/shm/dask_merge_bench")  # outputs on tmpfs: no disk flushes
 
 def bench_engine(name: str, folder: Path, configs: list[tuple], repeat: int, *,
                  in_ram: tuple[str, ...] = ()) -> dict:
-    """Run each (label, scheduler, workers, partition_size) ``repeat`` times.
+    """Run each (label, scheduler, workers, partition_size[, warm]) ``repeat`` times.
 
     The configurations labelled in ``in_ram`` run once more with their
     outputs on tmpfs, as "LABEL, outputs in RAM": no disk flush to share.
     """
+    configs = [(*c, False) if len(c) == 4 else c for c in configs]  # not warm, by default
     on_disk = [(*c, folder.parent / "out") for c in configs]
     in_tmpfs = [(f"{label}, outputs in RAM", *rest, RAM_OUT)
                 for label, *rest in configs if label in in_ram and RAM_OUT.parent.is_dir()]
@@ -341,10 +347,10 @@ def bench_engine(name: str, folder: Path, configs: list[tuple], repeat: int, *,
     runs: dict[str, list[dict]] = {}
     try:
         for i in range(repeat):
-            for label, scheduler, workers, partition_size, where in configs:
+            for label, scheduler, workers, partition_size, warm, where in configs:
                 where.mkdir(parents=True, exist_ok=True)
                 result = run_child("engine", str(folder), str(where), scheduler, workers,
-                                   partition_size)
+                                   partition_size, warm)
                 runs.setdefault(label, []).append(result)
                 _log(f"{name} {i + 1}/{repeat} {label:24s} {result['seconds']:7.3f} s  "
                      f"({result['pairs']} pairs, {result['tasks']} tasks; "
@@ -369,6 +375,7 @@ def bench_overhead(repeat: int, pairs: int) -> dict:
         ("sync", "sync", 1, None),
         ("processes, 2w, auto", "processes", 2, None),
         ("processes, 2w, 1/task", "processes", 2, 1),
+        ("processes, 2w, auto, warm", "processes", 2, None, True),
         ("local, 2w, auto", "local", 2, None),
         ("local, 2w, 1/task", "local", 2, 1),
     ]
