@@ -6,6 +6,7 @@
     python benchmarks/bench.py --only kernel    # or scaling, overhead
     python benchmarks/bench.py --profile        # cProfile of merge_pair on the big pair
     python benchmarks/bench.py --pool benchmarks/results/*.json  # paired ratios, pooled
+    python benchmarks/bench.py --pool ... --plot ratios.png      # and a plot of them
 
 Three parts, each variant run in a fresh subprocess (so its peak RSS is its
 own) and repeated; medians are reported:
@@ -535,15 +536,14 @@ def paired_ratios(baseline: list[dict], variant: list[dict]) -> list[float]:
     return [b["seconds"] / v["seconds"] for b, v in zip(baseline, variant)]
 
 
-def pooled(files: list[Path]) -> str:
-    """The paired ratios of several runs' results, pooled.
+def pooled(files: list[Path]) -> tuple[dict[str, list[list[float]]], set[str]]:
+    """The paired ratios of several runs' results: per goal, one list per run.
 
     On a noisy machine one run's median flips around a goal from run to run;
     the ratios of many back-to-back repetitions, pooled over runs of code
     that is the same in what they measure, tell where it really lies.
     """
-    ratios: dict[str, list[float]] = {}
-    runs: dict[str, int] = {}
+    ratios: dict[str, list[list[float]]] = {}
     commits = set()
     for file in files:
         results = json.loads(file.read_text())
@@ -551,21 +551,49 @@ def pooled(files: list[Path]) -> str:
         for goal, (part, baseline, variant) in PAIRED.items():
             found = results.get(part, {}).get("runs", {})
             if baseline in found and variant in found:
-                ratios.setdefault(goal, []).extend(paired_ratios(found[baseline], found[variant]))
-                runs[goal] = runs.get(goal, 0) + 1
-    lines = [f"{len(files)} result files, dask_merge {', '.join(sorted(commits))}"]
-    for goal, values in ratios.items():
-        values.sort()
+                ratios.setdefault(goal, []).append(paired_ratios(found[baseline], found[variant]))
+    return ratios, commits
+
+
+def pooled_report(ratios: dict[str, list[list[float]]], commits: set[str], files: int) -> str:
+    lines = [f"{files} result files, dask_merge {', '.join(sorted(commits))}"]
+    for goal, runs in ratios.items():
+        values = sorted(v for run in runs for v in run)
         middle = statistics.median(values)
         low, _, high = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
         met = sum(v >= GOALS[goal] for v in values)
         lines.append(
-            f"{goal}: {len(values)} paired repetitions in {runs[goal]} runs: median "
+            f"{goal}: {len(values)} paired repetitions in {len(runs)} runs: median "
             f"{middle:.2f}x (quartiles {low:.2f}-{high:.2f}, min-max {values[0]:.2f}-"
             f"{values[-1]:.2f}); {met} of {len(values)} >= {GOALS[goal]:g}x; "
             f"goal on the median: {_goal(middle >= GOALS[goal])}"
         )
     return "\n".join(lines)
+
+
+TITLES = {"scaling": "16 big pairs: 2 workers / 1 worker",
+          "overhead": "2,000 tiny pairs: processes (2 workers) / sync"}
+
+
+def plot_pooled(ratios: dict[str, list[list[float]]], path: Path) -> None:
+    """Each repetition's ratio as a dot, a column per run, against the goal's line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(ratios), figsize=(5.5 * len(ratios), 3.6), squeeze=False)
+    for ax, (goal, runs) in zip(axes[0], ratios.items()):
+        for i, run in enumerate(runs):
+            ax.plot([i] * len(run), run, "o", alpha=0.6, color="tab:blue")
+        middle = statistics.median(v for run in runs for v in run)
+        ax.axhline(GOALS[goal], color="tab:red", linestyle="--", label=f"goal {GOALS[goal]:g}x")
+        ax.axhline(middle, color="tab:green", label=f"pooled median {middle:.2f}x")
+        ax.set(title=TITLES.get(goal, goal), xlabel="run", ylabel="throughput ratio",
+               xticks=range(len(runs)))
+        ax.legend(loc="upper right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 # --- main -----------------------------------------------------------------------------
@@ -602,10 +630,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile merge_pair on the big pair")
     parser.add_argument("--pool", nargs="+", type=Path, metavar="RESULT",
                         help="pool the paired ratios of these results/*.json files; run nothing")
+    parser.add_argument("--plot", type=Path, metavar="PNG",
+                        help="with --pool: also plot each repetition's ratio against the goal")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.pool:
-        print(pooled(args.pool))
+        ratios, commits = pooled(args.pool)
+        print(pooled_report(ratios, commits, len(args.pool)))
+        if args.plot:
+            plot_pooled(ratios, args.plot)
         return
 
     if args.child:
