@@ -286,6 +286,19 @@ def run_child(kind: str, *args, timeout: float = 3600) -> dict:
     return result
 
 
+def in_turn(variants: list, repetition: int) -> list:
+    """The variants in the order of this repetition: forwards, then backwards.
+
+    What runs first after a pause (or after another part) is often slower,
+    and drift is about linear in time: alternating the order spreads both
+    over every variant alike.
+
+    >>> in_turn(["a", "b", "c"], 0), in_turn(["a", "b", "c"], 1)
+    (['a', 'b', 'c'], ['c', 'b', 'a'])
+    """
+    return list(variants) if repetition % 2 == 0 else list(variants)[::-1]
+
+
 # --- the parts -----------------------------------------------------------------------
 
 
@@ -306,7 +319,7 @@ def bench_kernel(repeat: int) -> dict:
                "floor": str(out / "floor.pt")}
     runs: dict[str, list[dict]] = {k: [] for k in outputs}
     for i in range(repeat):  # interleaved, so drift hits every variant alike
-        for kind, output in outputs.items():
+        for kind, output in in_turn(outputs.items(), i):
             runs[kind].append(run_child(kind, nucleotide, protein, output))
             r = runs[kind][-1]
             _log(f"kernel {i + 1}/{repeat} {kind:8s} {r['seconds']:7.3f} s  cpu {r['cpu']:7.3f} s  "
@@ -348,7 +361,7 @@ def bench_engine(name: str, folder: Path, configs: list[tuple], repeat: int, *,
     runs: dict[str, list[dict]] = {}
     try:
         for i in range(repeat):
-            for label, scheduler, workers, partition_size, warm, where in configs:
+            for label, scheduler, workers, partition_size, warm, where in in_turn(configs, i):
                 where.mkdir(parents=True, exist_ok=True)
                 result = run_child("engine", str(folder), str(where), scheduler, workers,
                                    partition_size, warm)
