@@ -395,7 +395,7 @@ def bench_overhead(repeat: int, pairs: int) -> dict:
     ]
     # In RAM too: what is the scheduler's cost, and what the disk's?
     runs = bench_engine("overhead", folder, configs, repeat,
-                        in_ram=("sync", "processes, 2w, auto"))
+                        in_ram=("sync", "processes, 2w, auto", "processes, 2w, auto, warm"))
     return {"pairs": pairs, "runs": runs}
 
 
