@@ -604,7 +604,7 @@ def plot_pooled(ratios: dict[str, list[list[float]]], path: Path) -> None:
         ax.axhline(middle, color="tab:green", label=f"pooled median {middle:.2f}x")
         ax.set(title=TITLES.get(goal, goal), xlabel="run", ylabel="throughput ratio",
                xticks=range(len(runs)))
-        ax.legend(loc="upper right", fontsize="small")
+        ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
