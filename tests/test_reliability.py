@@ -3,9 +3,9 @@
 Every test here makes a real fault happen to a real run: the whole process
 group SIGKILLed, Ctrl-C (SIGINT) to the group or to the parent alone, a
 worker process killed while it merges a pair, alone or in a batch (on the
-process pool and on a LocalCluster), a full disk (a small tmpfs), a read-only folder (a read-only
-tmpfs), inputs or the output folder changed between planning and merging,
-and two runs over one output folder at once.  Afterwards, each test checks
+process pool and on a LocalCluster), a full disk (a small tmpfs), a
+read-only folder (a read-only tmpfs), inputs or the output folder changed
+between planning and merging, and two runs over one output folder at once.  Afterwards, each test checks
 the same things:
 
 * every file under a final name (``*_merged.pt``) loads with ``torch.load``
@@ -289,8 +289,8 @@ class Victim:
             time.sleep(0.02)
         raise AssertionError("no worker opened the victim pair")
 
-    def kill_reader(self) -> None:
-        process = self.reader()
+    def kill_reader(self, timeout: float = 60) -> None:
+        process = self.reader(timeout)
         process.kill()
         # Wait without reaping: the pool (or the nanny) must see the death itself.
         deadline = time.monotonic() + 10
@@ -401,9 +401,8 @@ def test_a_batch_whose_worker_dies_blames_only_the_culprit(tmp_path, scheduler):
                                         partition_size=3, dashboard_address="127.0.0.1:0")
     try:
         while thread.is_alive():  # every reader of the victim dies, to the last retry
-            with contextlib.suppress(AssertionError):
-                victim.reader(timeout=0.5)
-                victim.kill_reader()
+            with contextlib.suppress(AssertionError):  # no reader yet: look again
+                victim.kill_reader(timeout=0.5)
         thread.join()
     finally:
         victim.close()
