@@ -39,6 +39,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data"
@@ -346,27 +347,35 @@ def verify(upstream: str, merged: str) -> dict:
 RAM_OUT = Path("/dev/shm/dask_merge_bench")  # outputs on tmpfs: no disk flushes at all
 
 
-def bench_engine(name: str, folder: Path, configs: list[tuple], repeat: int, *,
-                 in_ram: tuple[str, ...] = ()) -> dict:
-    """Run each (label, scheduler, workers, partition_size[, warm]) ``repeat`` times.
+class Variant(NamedTuple):
+    """One way to run the engine over a data set."""
 
-    The configurations labelled in ``in_ram`` run once more with their
-    outputs on tmpfs, as "LABEL, outputs in RAM": no disk flush to share.
+    label: str
+    scheduler: str
+    workers: int
+    partition_size: int | None = None  # None: the engine's own
+    warm: bool = False  # a second run in one interpreter: the fork server is up
+
+
+def bench_engine(name: str, folder: Path, variants: list[Variant], repeat: int, *,
+                 in_ram: tuple[str, ...] = ()) -> dict:
+    """Run each variant ``repeat`` times.
+
+    The variants labelled in ``in_ram`` run once more with their outputs on
+    tmpfs, as "LABEL, outputs in RAM": no disk flush to share.
     """
-    configs = [(*c, False) if len(c) == 4 else c for c in configs]  # not warm, by default
-    on_disk = [(*c, folder.parent / "out") for c in configs]
-    in_tmpfs = [(f"{label}, outputs in RAM", *rest, RAM_OUT)
-                for label, *rest in configs if label in in_ram and RAM_OUT.parent.is_dir()]
-    configs = on_disk + in_tmpfs
+    plan = [(v, folder.parent / "out") for v in variants]
+    plan += [(v._replace(label=f"{v.label}, outputs in RAM"), RAM_OUT)
+             for v in variants if v.label in in_ram and RAM_OUT.parent.is_dir()]
     runs: dict[str, list[dict]] = {}
     try:
         for i in range(repeat):
-            for label, scheduler, workers, partition_size, warm, where in in_turn(configs, i):
+            for v, where in in_turn(plan, i):
                 where.mkdir(parents=True, exist_ok=True)
-                result = run_child("engine", str(folder), str(where), scheduler, workers,
-                                   partition_size, warm)
-                runs.setdefault(label, []).append(result)
-                _log(f"{name} {i + 1}/{repeat} {label:24s} {result['seconds']:7.3f} s  "
+                result = run_child("engine", str(folder), str(where), v.scheduler, v.workers,
+                                   v.partition_size, v.warm)
+                runs.setdefault(v.label, []).append(result)
+                _log(f"{name} {i + 1}/{repeat} {v.label:24s} {result['seconds']:7.3f} s  "
                      f"({result['pairs']} pairs, {result['tasks']} tasks; "
                      f"others used {result['others_cores']:.1f} cores)")
     finally:
@@ -376,25 +385,26 @@ def bench_engine(name: str, folder: Path, configs: list[tuple], repeat: int, *,
 
 def bench_scaling(repeat: int, pairs: int) -> dict:
     folder = scaling_set(pairs)
-    configs = [("processes, 1 worker", "processes", 1, None),
-               ("processes, 2 workers", "processes", 2, None)]
+    variants = [Variant("processes, 1 worker", "processes", 1),
+                Variant("processes, 2 workers", "processes", 2)]
     # In RAM too: 16 big pairs write 2 GB of fsynced outputs.
-    runs = bench_engine("scaling", folder, configs, repeat, in_ram=tuple(c[0] for c in configs))
+    runs = bench_engine("scaling", folder, variants, repeat,
+                        in_ram=tuple(v.label for v in variants))
     return {"pairs": pairs, "runs": runs}
 
 
 def bench_overhead(repeat: int, pairs: int) -> dict:
     folder = tiny_set(pairs)
-    configs = [
-        ("sync", "sync", 1, None),
-        ("processes, 2w, auto", "processes", 2, None),
-        ("processes, 2w, 1/task", "processes", 2, 1),
-        ("processes, 2w, auto, warm", "processes", 2, None, True),
-        ("local, 2w, auto", "local", 2, None),
-        ("local, 2w, 1/task", "local", 2, 1),
+    variants = [
+        Variant("sync", "sync", 1),
+        Variant("processes, 2w, auto", "processes", 2),
+        Variant("processes, 2w, 1/task", "processes", 2, partition_size=1),
+        Variant("processes, 2w, auto, warm", "processes", 2, warm=True),
+        Variant("local, 2w, auto", "local", 2),
+        Variant("local, 2w, 1/task", "local", 2, partition_size=1),
     ]
     # In RAM too: what is the scheduler's cost, and what the disk's?
-    runs = bench_engine("overhead", folder, configs, repeat,
+    runs = bench_engine("overhead", folder, variants, repeat,
                         in_ram=("sync", "processes, 2w, auto", "processes, 2w, auto, warm"))
     return {"pairs": pairs, "runs": runs}
 
