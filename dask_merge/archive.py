@@ -341,6 +341,8 @@ def _zip_entries(buffer: bytes | memoryview) -> dict[str, tuple[int, int, int]]:
         locator = _END64_LOCATOR.unpack_from(buffer, end - _END64_LOCATOR.size)
         if locator[0] != b"PK\x06\x07":
             raise ValueError("a zip64 archive without its end record locator")
+        if locator[2] > end - _END64.size:  # struct cannot even take a 2**63 offset
+            raise ValueError("the zip64 end record lies outside the file")
         record = _END64.unpack_from(buffer, locator[2])
         if record[0] != b"PK\x06\x06":
             raise ValueError("a broken zip64 end record")
@@ -361,6 +363,8 @@ def _zip_entries(buffer: bytes | memoryview) -> dict[str, tuple[int, int, int]]:
                 buffer[name_start + name_length : name_start + name_length + extra_length],
                 plain, compressed, local)
         position = name_start + name_length + extra_length + comment_length
+        if local > offset - _LOCAL.size:  # local headers precede the central directory
+            raise ValueError(f"member {name!r} has its local header outside the file")
         header = _LOCAL.unpack_from(buffer, local)
         if header[0] != b"PK\x03\x04":
             raise ValueError(f"member {name!r} has a broken local header")

@@ -359,6 +359,34 @@ def test_zip_directory_reads_like_zipfile(tmp_path, monkeypatch, zip64):
     )
 
 
+def _zip64_archive(monkeypatch) -> bytearray:
+    """A small archive in which every member has zip64 sizes and offsets."""
+    monkeypatch.setattr(zipfile, "ZIP64_LIMIT", 16)
+    monkeypatch.setattr(zipfile, "ZIP_FILECOUNT_LIMIT", 2)
+    buffer = io.BytesIO()
+    write_archive(buffer, {"ids": ["a"], "data": [_sample(np.float32, (5,))]})
+    return bytearray(buffer.getvalue())
+
+
+def test_zip64_offsets_past_the_file_are_a_clear_error(monkeypatch):
+    # Offsets of 2**63 and more: struct cannot even take them as a position.
+    raw = _zip64_archive(monkeypatch)
+    struct.pack_into("<H", raw, raw.rindex(b"PK\x05\x06") + 10, 0xFFFF)  # "see the zip64 record"
+    struct.pack_into("<Q", raw, raw.rindex(b"PK\x06\x07") + 8, 2**63)  # which is there
+    with pytest.raises(FileFormatError, match="forged.pt: .*the zip64 end record lies outside"):
+        TorchArchive(bytes(raw), "forged.pt")
+
+    raw = _zip64_archive(monkeypatch)
+    entry = raw.index(b"PK\x01\x02", raw.index(b"PK\x01\x02") + 1)  # the first is at 0
+    name_length, extra_length = struct.unpack_from("<HH", raw, entry + 28)
+    extra = entry + 46 + name_length
+    tag, length = struct.unpack_from("<HH", raw, extra)
+    assert tag == 1 and struct.unpack_from("<L", raw, entry + 42)[0] == 0xFFFFFFFF
+    struct.pack_into("<Q", raw, extra + 4 + length - 8, 2**63)  # the local header's offset
+    with pytest.raises(FileFormatError, match="forged.pt: .*local header outside the file"):
+        TorchArchive(bytes(raw), "forged.pt")
+
+
 @settings(max_examples=200, deadline=None)
 @given(data=st.data())
 def test_a_damaged_zip_directory_is_a_clear_error(data):
