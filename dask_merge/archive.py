@@ -60,6 +60,9 @@ _STORAGE_NAMES = {dtype: name for name, dtype in STORAGE_DTYPES.items()}
 _MAX_LONG_BYTES = 64
 # Largest stride (in items) a tensor may declare: keeps byte strides in 64 bits.
 _MAX_STRIDE = 2**52
+# Most dimensions a tensor may declare (torch's own kernels stop at 25): the
+# checks multiply sizes, and a forged shape of 30,000 huge ints would take minutes.
+_MAX_DIMS = 64
 
 # repr() of what a hostile pickle built may recurse too deep or run long:
 # error messages show values through this bounded repr instead.
@@ -781,6 +784,8 @@ class _Unpickler:
                 and {*map(type, shape + stride)} <= _INT_TYPE and type(storage) is StorageRef
                 and type(offset) is int and type(requires_grad) is bool and hooks == {}):
             raise self._broken(pos, "tensor with malformed arguments")
+        if len(shape) > _MAX_DIMS:
+            raise self._broken(pos, f"tensor with {len(shape)} dimensions (at most {_MAX_DIMS})")
         sizes = shape + stride
         if min(sizes, default=0) < 0 or offset < 0 or max(stride, default=0) > _MAX_STRIDE:
             raise self._broken(pos, f"tensor with negative offset, size or stride, or absurd stride {stride}")

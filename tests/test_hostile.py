@@ -261,9 +261,12 @@ def test_persistent_ids_other_than_storages_are_refused(files):
     (0, (4.0,), (1,), "malformed"),
     (0, 4, (1,), "malformed"),
     (0, (4,), 1, "malformed"),
+    (0, (1,) * 65, (1,) * 65, "65 dimensions"),
+    # Checked before the sizes are multiplied: that alone would take minutes.
+    (0, (2**511 - 1,) * 30_000, (0,) * 30_000, "30000 dimensions"),
 ], ids=["huge_size", "size_past_storage", "offset_past_storage", "huge_offset", "stride_past",
         "stride0_expand", "huge_stride", "negative_offset", "negative_size", "negative_stride",
-        "rank_mismatch", "float_size", "int_size", "int_stride"])
+        "rank_mismatch", "float_size", "int_size", "int_stride", "65_dims", "30000_huge_dims"])
 def test_tensor_views_must_lie_inside_their_storage(files, offset, shape, stride, why):
     bad = Tensor(Storage("0", 4), offset, shape, stride)
     forged = files.forge(dumps(protein_layout([Tensor(Storage("1", 4), 0, (4,), (1,)), bad])))
