@@ -457,8 +457,9 @@ class _Unpickler:
 
     It knows the opcodes that dicts, lists, tuples, str, int, float, bool and
     None need, memo access, persistent ids of storages and ``REDUCE`` of the
-    allowed globals.  Its memo is a dict (a huge memo index costs nothing)
-    and it has no recursion, so a hostile file can at worst be refused.
+    allowed globals.  Its memo takes entries 0, 1, 2, ... once each, as a
+    pickler writes them, and it has no recursion, so a hostile file can at
+    worst be refused.
     """
 
     def __init__(self, archive: TorchArchive):
@@ -494,17 +495,16 @@ class _Unpickler:
             while pos < n:
                 op = data[pos]
                 pos += 1
-                if op == 0x71:  # BINPUT
-                    memo[data[pos]] = stack[-1]
-                    pos += 1
-                elif op == 0x72:  # LONG_BINPUT
-                    index = unpack_from("<I", data, pos)[0]
-                    # A pickler numbers memo entries 0, 1, 2, ...; a far index
-                    # is forged (CPython's unpickler would allocate for it).
-                    if index > len(memo):
+                if op == 0x71 or op == 0x72:  # BINPUT, LONG_BINPUT
+                    index = data[pos] if op == 0x71 else unpack_from("<I", data, pos)[0]
+                    # A pickler numbers memo entries 0, 1, 2, ... and puts each
+                    # once.  Any other index is forged: a far one would make
+                    # CPython's unpickler allocate for it, an old one would
+                    # change what earlier gets meant (see _tensor_record).
+                    if index != len(memo):
                         raise self._refuse(pos, f"memo index {index} after {len(memo)} memo entries")
                     memo[index] = stack[-1]
-                    pos += 4
+                    pos += 1 if op == 0x71 else 4
                 elif op == 0x68 or op == 0x6A:  # BINGET, LONG_BINGET
                     if op == 0x68:
                         value, pos = memo[data[pos]], pos + 1
@@ -695,6 +695,7 @@ class _Unpickler:
         (storage_get, type_get, key_length, key, put_key, location_get, numel, put_pid,
          offset, size, put_shape, stride, put_stride, odict_get, *put_rest) = match.groups()
         shared = storage_get, type_get, location_get, numel, offset, size, stride, odict_get
+        # Keyed by the gets' bytes: sound because a memo entry, once put, is never replaced.
         template = self._templates.get(shared) or self._check_template(pos, shared, memo)
         if template is None:
             return None

@@ -273,6 +273,27 @@ def test_tensor_views_must_lie_inside_their_storage(files, offset, shape, stride
     assert_refused(files, forged, why)
 
 
+def test_a_rebound_memo_entry_is_not_read_through_a_cached_tensor_template(files):
+    # Tensor records after the first are read whole, through a template that
+    # their memo gets select.  A forged pickle could put another value under a
+    # get's index in between: here the storage type, FloatStorage -> IntStorage.
+    # torch.load then reads the later tensors as int32, where the template
+    # would read float32.  No pickler puts a memo index twice: refused.
+    vectors = [torch.arange(4.0) + i for i in range(4)]
+    source = files.folder / "source_ESM.pt"
+    torch.save({"x": vectors[:2], "proteins": ["id0", "id1"], "data": vectors[2:]}, source)
+    with zipfile.ZipFile(source) as z:
+        pickled = z.read("source_ESM/data.pkl")
+    global_ = b"ctorch\nFloatStorage\nq"
+    index = pickled[pickled.index(global_) + len(global_)]
+    rebind = b"X\x04\x00\x00\x00junkctorch\nIntStorage\nq" + bytes([index])
+    at = pickled.index(b"X\x08\x00\x00\x00proteins")
+    forged = replace_pickle(source, files.folder / "forged_ESM.pt",
+                            pickled[:at] + rebind + pickled[at:])
+    assert torch.load(forged, weights_only=True)["data"][0].dtype == torch.int32
+    assert_refused(files, forged, f"memo index {index} after", UnsafeFileError)
+
+
 # --- resource exhaustion ------------------------------------------------------------
 
 
