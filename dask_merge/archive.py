@@ -396,8 +396,12 @@ _APPENDS = ord("e")
 
 
 def _float_run_length(ops: np.ndarray) -> int:
-    """Count the leading 'G' opcodes in ``ops`` (every 9th byte from a 'G')."""
-    start, step = 0, 1024
+    """Count the leading 'G' opcodes in ``ops`` (every 9th byte from a 'G').
+
+    In growing steps, so that a short run costs little: a forged file may hold
+    millions of them.
+    """
+    start, step = 0, 16
     while start < len(ops):
         other = np.flatnonzero(ops[start : start + step] != 0x47)
         if other.size:
@@ -643,12 +647,17 @@ class _Unpickler:
         if end < n and data[end] == _APPENDS and data[begin:end:9] == self._run_ops:
             run = self._run_hint
         else:
-            ops = np.frombuffer(data, np.uint8, count=n - begin, offset=begin)[::9]
-            run = _float_run_length(ops)
+            if begin + 9 < n and data[begin + 9] != 0x47:  # a lone float: no numpy
+                run = 1
+            else:
+                ops = np.frombuffer(data, np.uint8, count=n - begin, offset=begin)[::9]
+                run = _float_run_length(ops)
             end = begin + 9 * run
-        if end < n and data[end] == _APPENDS:
+            # Any run measured becomes the hint: a long hint that keeps failing
+            # would cost its length at each float (quadratic in a forged file).
             if run != self._run_hint:
                 self._run_hint, self._run_ops = run, b"G" * run
+        if end < n and data[end] == _APPENDS:
             return FloatRun(begin - self.base, run), end
         return None, end
 

@@ -157,6 +157,28 @@ def test_reader_gives_float_runs_for_lists_of_floats(tmp_path):
     assert loaded["mixed"] == [1, 2.5, "x"]
 
 
+def test_float_runs_of_other_lengths_after_a_long_one_read_right(tmp_path):
+    # The reader first guesses that a run is as long as the last one.  Guesses
+    # that fail (a lone float, floats in a tuple, a shorter run) must change
+    # nothing, and each resets the guess: a forged file of lone floats after
+    # a long run once cost the long run's length at every float.
+    long = [0.5 * i for i in range(5000)]
+    content = {"long": long, "tuples": [(1.5, 2.5), (0.25,)] * 3,
+               "short": [[3.5, 4.5], [5.5, 6.5, 7.5]], "lone": [8.5], "again": list(long)}
+    path = tmp_path / "runs.pt"
+    torch.save(content, path)
+    archive = TorchArchive.open(path)
+
+    def plain(value):  # a list of floats is read as runs of up to 1,000 (one per APPENDS)
+        if isinstance(value, list) and value and all(isinstance(v, FloatRun) for v in value):
+            return [x for run in value for x in archive.floats(run).tolist()]
+        if isinstance(value, (list, tuple)):
+            return type(value)(map(plain, value))
+        return value
+
+    assert {key: plain(value) for key, value in archive.load().items()} == content
+
+
 @pytest.mark.parametrize("make", [
     lambda raw: b"",
     lambda raw: raw[: len(raw) // 2],
