@@ -28,6 +28,7 @@ import math
 import os
 import re
 import reprlib
+import stat
 import struct
 import threading
 import zipfile
@@ -148,10 +149,16 @@ class TorchArchive:
         """
         path = os.fspath(path)
         try:
+            # A device reads forever (/dev/zero) or has effects; a FIFO is a
+            # pipe from another program, and is read to its end.
+            if (kind := _special_kind(os.stat(path).st_mode)) is not None:
+                raise FileFormatError(f"{path}: a {kind}, not a file")
             with open(path, "rb") as f:
                 return cls(_read(f, slot), path)
         except OSError as err:
             raise FileFormatError(f"{path}: cannot read ({err.strerror or err})") from None
+        except MemoryError:
+            raise FileFormatError(f"{path}: too large to read into memory") from None
 
     def _fail(self, what: str) -> FileFormatError:
         return FileFormatError(f"{self.path}: {what}")
@@ -202,7 +209,15 @@ class TorchArchive:
 
     def load(self) -> object:
         """Unpickle ``data.pkl`` safely; tensors come back as :class:`TensorRef`."""
-        return _Unpickler(self).run()
+        try:
+            return _Unpickler(self).run()
+        except MemoryError:
+            # Each opcode byte may make an object: a forged pickle of one-byte
+            # containers takes ~90 times its size.  Raise after the handler:
+            # inside it, the traceback still holds the unpickler's frame and
+            # all it built, and even the message could not be made.
+            pass
+        raise self._fail(f"out of memory unpickling its {self.pickle_size:,}-byte pickle")
 
     def storage_ref(self, key: object, dtype: np.dtype, numel: object) -> StorageRef:
         """Check a persistent id's storage against the archive's records."""
@@ -288,6 +303,16 @@ def keep_read_buffers() -> None:
     """
     global _keep_buffers
     _keep_buffers = True
+
+
+def _special_kind(mode: int) -> str | None:
+    """What a file that is neither regular nor a FIFO is; None for those two.
+
+    >>> _special_kind(os.stat("/dev/null").st_mode), _special_kind(os.stat(".").st_mode)
+    ('character device', None)
+    """
+    kinds = {stat.S_ISCHR: "character device", stat.S_ISBLK: "block device", stat.S_ISSOCK: "socket"}
+    return next((kind for test, kind in kinds.items() if test(mode)), None)
 
 
 def _read(f: BinaryIO, slot: str | None) -> bytes | memoryview:

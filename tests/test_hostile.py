@@ -335,6 +335,35 @@ def test_deeply_nested_lists_do_not_crash(files, where):
     assert_refused(files, forged, why, side=side)
 
 
+def test_a_device_is_refused_not_read_forever(files):
+    # A symlink to /dev/zero would be read until memory runs out.
+    device = files.folder / "zero_ESM.pt"
+    device.symlink_to("/dev/zero")
+    assert_refused(files, device, "a character device, not a file")
+
+
+def test_running_out_of_memory_while_unpickling_names_the_file(files):
+    # One-byte opcodes that each make a list: ~90 bytes of memory per byte of
+    # file.  Under an address-space limit, that is a clear error, not a bare
+    # MemoryError.  (Without one, the kernel kills the worker: the engine's
+    # crash handling then reports the pair, see test_reliability.)
+    forged = files.forge(b"\x80\x02](" + b"]" * 8_000_000 + b"e.")
+    script = f"""
+import resource, sys
+from dask_merge import FileFormatError, merge_pair
+usage = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (usage + 400 * 2**20, resource.RLIM_INFINITY))
+try:
+    merge_pair({str(files.nucleotide)!r}, {str(forged)!r}, {str(files.output)!r})
+except FileFormatError as err:
+    sys.exit(str(err))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.stderr.strip() == f"{forged}: out of memory unpickling its 8,000,006-byte pickle"
+    assert not files.output.exists()
+
+
 @pytest.mark.parametrize("payload,why", [
     (b"\x80\x02X\xff\xff\xff\x7f.", "runs past the end"),
     (b"\x80\x02\x8d" + struct.pack("<Q", 2**62) + b".", "runs past the end"),
