@@ -247,6 +247,14 @@ def label_value(label: str | int | None) -> list[int] | None:
         raise ValueError(f"label {label!r} is not 'viral', 'host' or an integer") from None
 
 
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def write_merged(path: str, ids: list[str], data: np.ndarray | ArrayBlocks,
                  labels: list[int] | None) -> None:
     """Write a merged feature file atomically; it loads with plain ``torch.load``."""
@@ -254,6 +262,10 @@ def write_merged(path: str, ids: list[str], data: np.ndarray | ArrayBlocks,
     if labels is not None:
         content["labels"] = labels
     name = os.path.basename(path).removesuffix(".pt")
+    if not name.isascii() and not _encodes(name):
+        # Undecodable bytes of the file name (surrogates): torch.save cannot
+        # write it at all.  Its name for archives saved to a buffer will do.
+        name = "archive"
     atomic_write(path, lambda f: write_archive(f, content, name=name))
 
 

@@ -201,6 +201,25 @@ def test_unpaired_files_are_reported_and_protein_folder_may_differ(tmp_path):
     assert report.to_dict()["unpaired"] == report.unpaired
 
 
+def test_a_file_name_that_is_not_utf8_merges_and_is_checkpointed(tmp_path):
+    # Linux file names are bytes; Python gives undecodable ones as surrogates,
+    # which no archive member name can hold (torch.save cannot write them).
+    (tmp_path / "in").mkdir()
+    pair = make_pair(tmp_path / "in", "tmp", rows=3, nucleotide_width=2, protein_width=3)
+    stem = os.fsdecode(b"sample_\xff")
+    for path, suffix in ((pair.nucleotide, "_DNABERT_S.pt"), (pair.protein, "_ESM.pt")):
+        os.replace(path, tmp_path / "in" / f"{stem}{suffix}")
+    first = dask_merge.run(tmp_path / "in", output_dir=tmp_path / "out", scheduler="sync",
+                           progress=False)
+    assert first.counts == {"merged": 1, "skipped": 0, "failed": 0}, first.failures
+    merged = torch.load(tmp_path / "out" / f"{stem}_merged.pt", weights_only=True)
+    want = reference_merge(tmp_path / "in" / f"{stem}_DNABERT_S.pt", tmp_path / "in" / f"{stem}_ESM.pt")
+    assert merged["ids"] == want["ids"] and torch.equal(merged["data"], want["data"])
+    again = dask_merge.run(tmp_path / "in", output_dir=tmp_path / "out", scheduler="sync",
+                           progress=False)
+    assert again.counts == {"merged": 0, "skipped": 1, "failed": 0}
+
+
 def test_plan_and_report_have_short_reprs(tmp_path):
     features = tmp_path / "features"
     make_dataset(features, pairs=4, rows=5, nucleotide_width=3, protein_width=4)
