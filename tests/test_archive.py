@@ -400,7 +400,7 @@ def test_zip64_offsets_past_the_file_are_a_clear_error(monkeypatch):
 
     raw = _zip64_archive(monkeypatch)
     entry = raw.index(b"PK\x01\x02", raw.index(b"PK\x01\x02") + 1)  # the first is at 0
-    name_length, extra_length = struct.unpack_from("<HH", raw, entry + 28)
+    name_length = struct.unpack_from("<H", raw, entry + 28)[0]
     extra = entry + 46 + name_length
     tag, length = struct.unpack_from("<HH", raw, extra)
     assert tag == 1 and struct.unpack_from("<L", raw, entry + 42)[0] == 0xFFFFFFFF
