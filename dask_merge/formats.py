@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -272,6 +273,9 @@ def write_merged(path: str, ids: list[str], data: np.ndarray | ArrayBlocks,
 # --- atomic writing ------------------------------------------------------------
 
 _TEMPORARY_MARK = ".dask-merge-tmp-"
+# Exactly the names _locked_temporary makes: a user's file that merely holds
+# the mark (an input, when outputs go next to the inputs) is never removed.
+_TEMPORARY_NAME = re.compile(r"\..*" + re.escape(_TEMPORARY_MARK) + r"[0-9a-f]{32}", re.DOTALL)
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None], *, durable: bool = True) -> None:
@@ -408,8 +412,14 @@ def _fsync_folder(folder: str) -> None:
 
 
 def is_temporary(name: str) -> bool:
-    """True for the name of a temporary that :func:`atomic_write` makes."""
-    return _TEMPORARY_MARK in name
+    """True for the name of a temporary that :func:`atomic_write` makes.
+
+    >>> is_temporary(".a_merged.pt.dask-merge-tmp-" + "0f" * 16)
+    True
+    >>> is_temporary("x.dask-merge-tmp-y_DNABERT_S.pt"), is_temporary("a_merged.pt")
+    (False, False)
+    """
+    return _TEMPORARY_NAME.fullmatch(name) is not None
 
 
 def remove_stale_temporaries(folder: str) -> list[str]:
@@ -422,7 +432,7 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     removed = []
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(folder):
-            if not is_temporary(entry.name):
+            if not is_temporary(entry.name) or not entry.is_file(follow_symlinks=False):
                 continue
             with contextlib.suppress(FileNotFoundError, BlockingIOError, PermissionError):
                 with open(entry.path, "rb") as f:

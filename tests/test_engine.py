@@ -201,6 +201,25 @@ def test_unpaired_files_are_reported_and_protein_folder_may_differ(tmp_path):
     assert report.to_dict()["unpaired"] == report.unpaired
 
 
+def test_cleaning_up_temporaries_removes_nothing_else(tmp_path):
+    # Outputs next to the inputs: a run removes dead writers' temporaries from
+    # that folder.  Names that merely hold the mark are the user's; they once
+    # went too, inputs included, and their pair vanished from the report.
+    make_pair(tmp_path, "x.dask-merge-tmp-y", rows=3, nucleotide_width=2, protein_width=3)
+    notes = tmp_path / "notes.dask-merge-tmp-keep.txt"
+    notes.write_text("mine")
+    stale = tmp_path / f".x_merged.pt.dask-merge-tmp-{'ab' * 16}"  # a killed writer's
+    stale.write_bytes(b"half")
+    lookalike = tmp_path / f".y_merged.pt.dask-merge-tmp-{'cd' * 16}"  # but a folder
+    lookalike.mkdir()
+    report = dask_merge.run(tmp_path, output_dir=tmp_path, scheduler="sync", progress=False)
+    assert [(r.name, r.status) for r in report.records] == [("x.dask-merge-tmp-y", "merged")]
+    assert (tmp_path / "x.dask-merge-tmp-y_DNABERT_S.pt").exists()
+    assert (tmp_path / "x.dask-merge-tmp-y_ESM.pt").exists()
+    assert notes.read_text() == "mine" and lookalike.is_dir()
+    assert not stale.exists()
+
+
 def test_a_file_name_that_is_not_utf8_merges_and_is_checkpointed(tmp_path):
     # Linux file names are bytes; Python gives undecodable ones as surrogates,
     # which no archive member name can hold (torch.save cannot write them).

@@ -431,7 +431,7 @@ def test_an_unwritable_output_folder_is_an_output_error(tmp_path, good):
 
 def test_remove_stale_temporaries(tmp_path):
     def temporary(tag, content=b"partial"):
-        path = tmp_path / f".x_{tag}_merged.pt.dask-merge-tmp-{tag}"
+        path = tmp_path / f".x_{tag}_merged.pt.dask-merge-tmp-{tag.encode().hex():0>32}"
         path.write_bytes(content)
         assert is_temporary(path.name)
         return path

@@ -66,18 +66,25 @@ def test_separate_folders_and_output_folder(tmp_path):
 
 def test_ignores_temporaries_hidden_files_folders_and_outputs(tmp_path):
     touch(tmp_path, "a_DNABERT_S.pt"), touch(tmp_path, "a_ESM.pt")
-    touch(tmp_path, ".b_ESM.pt")
-    touch(tmp_path, "c_DNABERT_S.pt.dask-merge-tmp-0123_ESM.pt")
-    touch(tmp_path, "d.dask-merge-tmp-1_DNABERT_S.pt")
+    touch(tmp_path, ".b_ESM.pt"), touch(tmp_path, "._b_DNABERT_S.pt")  # hidden (macOS's ._ too)
     touch(tmp_path, "a_merged.pt")
     touch(tmp_path, "a_DNABERT_S.pt.bak")
     (tmp_path / "e_ESM.pt").mkdir()
     # a temporary that atomic_write really makes, kept by a failed run
-    (tmp_path / f"b_ESM.pt{formats._TEMPORARY_MARK}ff").write_bytes(b"")
-    (tmp_path / f"b_DNABERT_S{formats._TEMPORARY_MARK}_DNABERT_S.pt").write_bytes(b"")
+    (tmp_path / f".a_merged.pt{formats._TEMPORARY_MARK}{'0f' * 16}").write_bytes(b"")
     found = find_pairs(tmp_path)
     assert [p.name for p in found] == ["a"]
     assert found.unpaired == []
+
+
+def test_a_stem_holding_the_temporary_mark_is_an_ordinary_pair(tmp_path):
+    # Only the exact names atomic_write makes are temporaries: anything else
+    # is the user's, to be paired (and never removed as debris).
+    touch(tmp_path, "c.dask-merge-tmp-0123_DNABERT_S.pt"), touch(tmp_path, "c.dask-merge-tmp-0123_ESM.pt")
+    touch(tmp_path, f"d{formats._TEMPORARY_MARK}{'0f' * 16}_DNABERT_S.pt")
+    found = find_pairs(tmp_path)
+    assert [p.name for p in found] == ["c.dask-merge-tmp-0123"]
+    assert found.unpaired == [str(tmp_path / f"d{formats._TEMPORARY_MARK}{'0f' * 16}_DNABERT_S.pt")]
 
 
 def test_a_missing_folder_is_named(tmp_path):

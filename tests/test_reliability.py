@@ -204,7 +204,8 @@ def test_a_killed_writers_temporary_goes_at_once_a_live_ones_never(inputs, tmp_p
     live = writer("chunk_1_merged.pt")
     # What a writer killed between creating its temporary and writing to it
     # leaves: empty and unlocked.
-    os.close(os.open(out / ".chunk_2_merged.pt.dask-merge-tmp-0123", os.O_WRONLY | os.O_CREAT, 0o644))
+    dead = out / f".chunk_2_merged.pt.dask-merge-tmp-{'0123' * 8}"
+    os.close(os.open(dead, os.O_WRONLY | os.O_CREAT, 0o644))
     try:
         before = temporaries(out)
         assert len(before) == 3 and all(p.name.startswith(".chunk_") for p in before)
