@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -145,6 +146,24 @@ def write_checkpoint(
     atomic_write(path, lambda f: f.write(json.dumps(record, indent=1).encode()), durable=False)
 
 
+def _read_record(path: str) -> object:
+    """The JSON in ``path``, or None if it is not a readable regular file of JSON."""
+    try:
+        # Non-blocking: a FIFO planted as a record would block its open forever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with open(fd, "rb", closefd=False) as f:
+            return json.load(f)
+    except (OSError, ValueError, RecursionError):  # RecursionError: [[[[...]]]]
+        return None
+    finally:
+        os.close(fd)
+
+
 class Checkpoint(NamedTuple):
     """Whether a pair's output is done, and why."""
 
@@ -162,15 +181,13 @@ def checkpoint_state(pair: Pair, *, labels: list[int] | None = None, force: bool
     if force:
         return Checkpoint(False, "forced")
     try:
+        if not stat.S_ISREG(os.stat(pair.output).st_mode):  # a folder or FIFO is no output
+            return Checkpoint(False, "no output yet (not a file under its name)")
         output = fingerprint(pair.output)
     except FileNotFoundError:
         return Checkpoint(False, "no output yet")
-    try:
-        with open(record_path(pair.output), "rb") as f:
-            record = json.load(f)
-    except (OSError, ValueError):
-        return Checkpoint(True, "output exists (no record: made elsewhere)")
-    if type(record) is not dict:  # valid JSON, but not a record: as unreadable
+    record = _read_record(record_path(pair.output))
+    if type(record) is not dict:  # missing, unreadable, or valid JSON but not a record
         return Checkpoint(True, "output exists (no record: made elsewhere)")
     if record.get("output") != output:
         return Checkpoint(True, "output exists (replaced since its record)")

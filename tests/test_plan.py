@@ -171,6 +171,12 @@ def test_an_output_without_record_counts_as_done(pair):
     assert checkpoint_state(pair, labels=[1]).done  # nothing to compare the label with
 
 
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_something_other_than_a_file_under_the_output_name_is_no_output(pair, kind):
+    os.mkdir(pair.output) if kind == "folder" else os.mkfifo(pair.output)
+    assert checkpoint_state(pair) == Checkpoint(False, "no output yet (not a file under its name)")
+
+
 def test_force_makes_everything_pending(pair):
     merge_with_record(pair)
     assert checkpoint_state(pair).done
@@ -187,11 +193,16 @@ def test_a_changed_label_makes_the_pair_pending(pair, before, after):
 
 
 @pytest.mark.parametrize("content", ["[]", "null", '"text"', "{}", '{"inputs": []}',
-                                     '{"inputs": {"nucleotide": 3}}', "{not json"])
+                                     '{"inputs": {"nucleotide": 3}}', "{not json",
+                                     "[" * 100_000 + "]" * 100_000, "fifo", "folder"])
 def test_a_malformed_record_does_not_crash_the_plan(pair, content):
     merge_with_record(pair)
     record = Path(record_path(pair.output))
-    record.write_text(content)
+    if content in ("fifo", "folder"):  # a FIFO's open would wait for a writer forever
+        record.unlink()
+        os.mkfifo(record) if content == "fifo" else record.mkdir()
+    else:
+        record.write_text(content)  # deep nesting made json raise RecursionError
     # A record that does not describe this output is as good as none: the
     # output, complete under its final name, is kept (as one made upstream).
     state = checkpoint_state(pair)
