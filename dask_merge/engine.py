@@ -323,6 +323,9 @@ def plan(
         raise ConfigurationError(f"cannot create output folder {output_dir} ({err.strerror})") from None
     if not os.access(output_dir, os.W_OK | os.X_OK):
         raise ConfigurationError(f"output folder {output_dir} is not writable")
+    records = os.path.join(output_dir, RECORD_FOLDER)
+    if os.path.lexists(records) and not os.path.isdir(records):
+        raise ConfigurationError(f"{records} is not a folder: the checkpoint records go there")
     pending, done = [], []
     for pair in found.pairs:
         state = checkpoint_state(pair, labels=labels, force=force)

@@ -430,7 +430,7 @@ def remove_stale_temporaries(folder: str) -> list[str]:
     this while other runs write into ``folder``.
     """
     removed = []
-    with contextlib.suppress(FileNotFoundError):
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
         for entry in os.scandir(folder):
             if not is_temporary(entry.name) or not entry.is_file(follow_symlinks=False):
                 continue

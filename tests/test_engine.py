@@ -188,6 +188,10 @@ def test_configuration_errors_name_the_path(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(dask_merge.ConfigurationError, match=str(blocker)):
         dask_merge.plan(tmp_path / "empty", output_dir=blocker / "out")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".dask-merge").write_text("a file where the records go")
+    with pytest.raises(dask_merge.ConfigurationError, match=r"out/\.dask-merge is not a folder"):
+        dask_merge.plan(tmp_path / "empty", output_dir=tmp_path / "out")
 
 
 def test_unpaired_files_are_reported_and_protein_folder_may_differ(tmp_path):
