@@ -70,6 +70,10 @@ def run_command(nucleotide_dir, protein_dir, output_dir, scheduler, scheduler_fi
 
     if performance_report and scheduler in ("processes", "threads", "sync") and not scheduler_file:
         _fail("--performance-report needs a cluster: --scheduler local, an address or --scheduler-file")
+    for path in (report_path, performance_report):  # known before the work, not after it
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            _fail(f"cannot write {path}: folder {folder} does not exist")
     try:
         the_plan = plan(nucleotide_dir, protein_dir, output_dir, label=label, force=force)
     except ConfigurationError as err:
@@ -118,12 +122,21 @@ def _interrupted(nucleotide_dir, protein_dir, output_dir, label, started) -> Non
 
 
 def _finish(report: Report, output_dir: str, report_path: str | None) -> None:
+    from .errors import MergeError
+
+    code = 0 if report.ok else EXIT_FAILED
+    written = None
     if report_path:
-        report.to_json(report_path)
+        try:
+            report.to_json(report_path)
+            written = report_path
+        except MergeError as err:  # the folder went, the disk is full, ...
+            click.echo(f"dask-merge: error: the report was not written: {err}", err=True)
+            code = EXIT_FAILED
     click.echo(report.summary(), err=True)
     click.echo(f"outputs in {os.path.abspath(output_dir)}"
-               + (f"; report in {report_path}" if report_path else ""), err=True)
-    sys.exit(0 if report.ok else EXIT_FAILED)
+               + (f"; report in {written}" if written else ""), err=True)
+    sys.exit(code)
 
 
 @main.command()

@@ -52,7 +52,7 @@ import dask.threaded
 from dask.base import tokenize
 
 from ._worker_main import parent_main_announced
-from .formats import label_value, remove_stale_temporaries
+from .formats import atomic_write, label_value, remove_stale_temporaries
 from .plan import RECORD_FOLDER, Checkpoint, Pair, checkpoint_state, find_pairs
 from .tasks import (  # noqa: F401 (merge_one)
     Record, crashed, keep_read_buffers, merge_one, merge_pairs, pool_worker,
@@ -119,8 +119,9 @@ class Report:
         }
 
     def to_json(self, path: str) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
+        """Write the report to ``path``, complete or not at all (:class:`OutputError`)."""
+        text = json.dumps(self.to_dict(), indent=1)
+        atomic_write(path, lambda f: f.write(text.encode()), durable=False)
 
     def summary(self, errors: int = 5) -> str:
         """A few lines for a terminal."""

@@ -237,15 +237,21 @@ def label_value(label: str | int | None) -> list[int] | None:
 
     >>> label_value("viral"), label_value("host"), label_value(3), label_value(None)
     ([1], [0], [3], None)
+    >>> label_value(2**63)
+    Traceback (most recent call last):
+    ValueError: label 9223372036854775808 does not fit in 64 bits
     """
     if label is None:
         return None
     if isinstance(label, str) and label.lower() in LABELS:
         return [LABELS[label.lower()]]
     try:
-        return [int(label)]
+        value = int(label)
     except (TypeError, ValueError):
-        raise ValueError(f"label {label!r} is not 'viral', 'host' or an integer") from None
+        raise ValueError(f"label {short_repr(label)} is not 'viral', 'host' or an integer") from None
+    if not -(2**63) <= value < 2**63:  # a classifier reads labels as int64
+        raise ValueError(f"label {short_repr(label)} does not fit in 64 bits")
+    return [value]
 
 
 def _encodes(text: str) -> bool:

@@ -80,6 +80,10 @@ def test_dry_run_prints_the_plan_and_merges_nothing(dataset, tmp_path):
      "cannot reach a Dask scheduler at tcp://127.0.0.1:1"),
     (["--nucleotide-dir", "{data}", "--output-dir", "{tmp}/out", "--performance-report", "p.html"],
      "--performance-report needs a cluster"),
+    (["--nucleotide-dir", "{data}", "--output-dir", "{tmp}/out", "--report", "{tmp}/nowhere/r.json"],
+     "cannot write {tmp}/nowhere/r.json: folder {tmp}/nowhere does not exist"),
+    (["--nucleotide-dir", "{data}", "--output-dir", "{tmp}/out", "--label", "9" * 30],
+     "does not fit in 64 bits"),
 ])
 def test_configuration_errors_exit_2_with_one_clear_line(dataset, tmp_path, args, message):
     fill = {"tmp": tmp_path, "data": dataset}
@@ -87,6 +91,7 @@ def test_configuration_errors_exit_2_with_one_clear_line(dataset, tmp_path, args
     assert result.exit_code == 2
     assert message.format(**fill) in result.output
     assert "Traceback" not in result.output
+    assert not list(tmp_path.glob("out/*_merged.pt"))  # found out before any work
 
 
 def test_sample_writes_upstream_layouts_that_torch_loads(tmp_path):
