@@ -855,10 +855,19 @@ def _pickle_str(text: str) -> bytes:
 
 
 def _pickle_int(value: int) -> bytes:
+    """The opcodes of an int: BININT, LONG1 or LONG4 (from 256 bytes on).
+
+    >>> import pickle
+    >>> values = (7, -2**31, 2**31, -2**2040, 2**2100)
+    >>> [pickle.loads(b"\\x80\\x02" + _pickle_int(v) + b".") == v for v in values]
+    [True, True, True, True, True]
+    """
     if -(2**31) <= value < 2**31:
         return b"J" + struct.pack("<i", value)
     raw = value.to_bytes((value.bit_length() + 8) // 8, "little", signed=True)
-    return b"\x8a" + bytes([len(raw)]) + raw
+    if len(raw) < 256:
+        return b"\x8a" + bytes([len(raw)]) + raw  # LONG1
+    return b"\x8b" + struct.pack("<i", len(raw)) + raw  # LONG4
 
 
 class ArrayBlocks(NamedTuple):
