@@ -396,6 +396,9 @@ def grouped_folder_syncs() -> Iterator[None]:
 
 def _locked_temporary(folder: str, name: str) -> tuple[int, str]:
     """Create and lock a new temporary for ``name``; return its descriptor and path."""
+    # A long name is cut (in bytes, as the file system counts) so that its
+    # temporary's name fits in NAME_MAX, 255 bytes on Linux file systems.
+    name = os.fsdecode(os.fsencode(name)[: 255 - len(f".{_TEMPORARY_MARK}") - 32])
     while True:
         temporary = os.path.join(folder, f".{name}{_TEMPORARY_MARK}{uuid.uuid4().hex}")
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

@@ -8,6 +8,7 @@ and only the core of Dask that runs its tasks.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -48,7 +49,14 @@ def merge_one(pair: Pair, labels: list[int] | None) -> Record:
     try:
         inputs = input_fingerprints(pair)  # before reading: a later change shows
         result = merge_pair(pair.nucleotide, pair.protein, pair.output, label=labels and labels[0])
-        write_checkpoint(pair, inputs, labels=labels, rows=result.rows)
+        try:
+            write_checkpoint(pair, inputs, labels=labels, rows=result.rows)
+        except BaseException:
+            # An output without a record counts as made elsewhere: a rerun
+            # would skip it for good.  Without it, the rerun merges again.
+            with contextlib.suppress(OSError):
+                os.unlink(pair.output)
+            raise
     except MergeError as err:
         return Record(pair.name, "failed", error=str(err), seconds=time.perf_counter() - start)
     except OSError as err:

@@ -224,6 +224,22 @@ def test_cleaning_up_temporaries_removes_nothing_else(tmp_path):
     assert not stale.exists()
 
 
+def test_long_stems_merge_or_fail_without_leaving_an_output_a_rerun_would_skip(tmp_path):
+    # File names hold at most 255 bytes.  A temporary's name adds 49 to its
+    # output's: cut short, the 230-byte stem merges.  A record's adds 5: the
+    # 242-byte stem (its inputs' names are 255 bytes long) has no room for its
+    # record, and its output, without one, would count as made elsewhere: done.
+    for stem in ("l" * 230, "m" * 242):
+        make_pair(tmp_path, stem, rows=3, nucleotide_width=2, protein_width=3)
+    first = dask_merge.run(tmp_path, output_dir=tmp_path / "out", scheduler="sync", progress=False)
+    status = {r.name[0]: r.status for r in first.records}
+    assert status == {"l": "merged", "m": "failed"}, first.failures
+    assert "File name too long" in first.failures[0].error
+    assert sorted(p.name[0] for p in (tmp_path / "out").iterdir()) == [".", "l"]  # records, l's output
+    again = dask_merge.run(tmp_path, output_dir=tmp_path / "out", scheduler="sync", progress=False)
+    assert {r.name[0]: r.status for r in again.records} == {"l": "skipped", "m": "failed"}
+
+
 def test_a_file_name_that_is_not_utf8_merges_and_is_checkpointed(tmp_path):
     # Linux file names are bytes; Python gives undecodable ones as surrogates,
     # which no archive member name can hold (torch.save cannot write them).
