@@ -342,12 +342,13 @@ def test_a_device_is_refused_not_read_forever(files):
     assert_refused(files, device, "a character device, not a file")
 
 
-def test_running_out_of_memory_while_unpickling_names_the_file(files):
-    # One-byte opcodes that each make a list: ~90 bytes of memory per byte of
-    # file.  Under an address-space limit, that is a clear error, not a bare
-    # MemoryError.  (Without one, the kernel kills the worker: the engine's
+@pytest.mark.parametrize("opcode", [b"]", b"}"], ids=["lists", "dicts"])
+def test_running_out_of_memory_while_unpickling_names_the_file(files, opcode):
+    # One-byte opcodes that each make a list or dict: ~90 bytes of memory per
+    # byte of file.  Under an address-space limit, that is a clear error, not a
+    # bare MemoryError.  (Without one, the kernel kills the worker: the engine's
     # crash handling then reports the pair, see test_reliability.)
-    forged = files.forge(b"\x80\x02](" + b"]" * 8_000_000 + b"e.")
+    forged = files.forge(b"\x80\x02](" + opcode * 8_000_000 + b"e.")
     script = f"""
 import resource, sys
 from dask_merge import FileFormatError, merge_pair
