@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .archive import ArrayBlocks, short_repr
-from .errors import MispairedError
+from .errors import MispairedError, OutputError
 from .formats import label_value, read_features, write_merged
 
 EXAMPLES = 5  # how many dropped ids a result names
@@ -36,6 +36,14 @@ class MergeResult:
     nucleotide_only_examples: tuple[str, ...]
     protein_only_examples: tuple[str, ...]
     seconds: float
+
+
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether both paths name one existing file (through links, too)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either is missing: not the same file
+        return False
 
 
 def merge_pair(
@@ -75,6 +83,10 @@ def merge_pair(
     start = time.perf_counter()
     labels = label_value(label)
     output_file = os.fspath(output_file)
+    for given in (nucleotide_file, protein_file):
+        if _same_file(output_file, given):
+            raise OutputError(f"{output_file}: is the input {os.fspath(given)}; "
+                              "an output never replaces an input")
     protein = read_features(protein_file, "protein")
     nucleotide = read_features(nucleotide_file, "nucleotide")
 

@@ -429,6 +429,20 @@ def test_an_unwritable_output_folder_is_an_output_error(tmp_path, good):
         merge_pair(good.nucleotide, good.protein, out)
 
 
+@pytest.mark.parametrize("side", ["nucleotide", "protein"])
+@pytest.mark.parametrize("how", ["same path", "hard link"])
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tmp_path, good, side, how):
+    # The merge would succeed and silently replace the input with its output.
+    target = getattr(good, side)
+    before = target.read_bytes()
+    output = target if how == "same path" else tmp_path / "linked_merged.pt"
+    if how == "hard link":
+        os.link(target, output)
+    with pytest.raises(OutputError, match=f"{output}: is the input {target}"):
+        merge_pair(good.nucleotide, good.protein, output)
+    assert target.read_bytes() == before
+
+
 def test_remove_stale_temporaries(tmp_path):
     def temporary(tag, content=b"partial"):
         path = tmp_path / f".x_{tag}_merged.pt.dask-merge-tmp-{tag.encode().hex():0>32}"
