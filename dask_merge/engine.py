@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import inspect
 import json
 import math
 import os
@@ -225,6 +226,8 @@ class Plan:
         client
             An existing :class:`distributed.Client` to run on.
         """
+        _check_options(scheduler, client, scheduler_file, workers=workers, retries=retries,
+                       partition_size=partition_size, progress=progress)
         workers = workers or os.cpu_count() or 1
         skipped = [Record(p.name, "skipped", reason=c.reason, output=p.output) for p, c in self.done]
         start = time.perf_counter()
@@ -347,9 +350,44 @@ def run(
     **execute_options,
 ) -> Report:
     """Plan and execute in one call: ``plan(...).execute(**execute_options)``."""
+    inspect.signature(Plan.execute).bind(None, **execute_options)  # a typo fails before planning
     return plan(nucleotide_dir, protein_dir, output_dir, label=label, force=force).execute(
         **execute_options
     )
+
+
+def _check_options(scheduler, client, scheduler_file, **numbers) -> None:
+    """Refuse what :meth:`Plan.execute` cannot run with, naming it, before any work.
+
+    >>> _check_options("thread", None, None, workers=None, retries=1, partition_size=None,
+    ...                progress=True)
+    Traceback (most recent call last):
+    dask_merge.engine.ConfigurationError: unknown scheduler 'thread': processes, threads, sync, local or an address such as tcp://host:8786
+    >>> _check_options("sync", None, None, workers=0, retries=1, partition_size=None, progress=True)
+    Traceback (most recent call last):
+    dask_merge.engine.ConfigurationError: workers must be an int of at least 1 (or None), not 0
+    """
+    least = {"workers": 1, "partition_size": 1, "retries": 0}
+    for name, value in numbers.items():
+        if name == "progress":
+            ok, want = type(value) is bool, "True or False"
+        else:
+            ok = (value is None and name != "retries") or (
+                type(value) is int and value >= least[name])
+            want = f"an int of at least {least[name]}" + (" (or None)" if name != "retries" else "")
+        if not ok:
+            raise ConfigurationError(f"{name} must be {want}, not {value!r}")
+    if client is not None:
+        from distributed import Client
+
+        if not isinstance(client, Client):
+            raise ConfigurationError(f"client must be a distributed.Client, not a {type(client).__name__}")
+    elif not scheduler_file and not (
+        isinstance(scheduler, str) and (scheduler in LOCAL_SCHEDULERS or scheduler == "local"
+                                        or ":" in scheduler)
+    ):
+        raise ConfigurationError(f"unknown scheduler {scheduler!r}: processes, threads, sync, "
+                                 "local or an address such as tcp://host:8786")
 
 
 # --- partitioning ----------------------------------------------------------------

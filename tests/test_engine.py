@@ -194,6 +194,36 @@ def test_configuration_errors_name_the_path(tmp_path):
         dask_merge.plan(tmp_path / "empty", output_dir=tmp_path / "out")
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"workers": 0}, "workers must be an int of at least 1 (or None), not 0"),
+    ({"workers": -1, "scheduler": "local"}, "not -1"),  # LocalCluster(n_workers=-1) hung
+    ({"workers": 2.5}, "not 2.5"),
+    ({"workers": "2"}, "not '2'"),
+    ({"partition_size": 0}, "partition_size must be an int of at least 1 (or None), not 0"),
+    ({"retries": None}, "retries must be an int of at least 0, not None"),
+    ({"retries": -1}, "not -1"),
+    ({"progress": "no"}, "progress must be True or False, not 'no'"),
+    ({"scheduler": None}, "unknown scheduler None"),  # Dask's default cluster, unasked
+    ({"scheduler": "thread"}, "unknown scheduler 'thread'"),
+    ({"client": "tcp://127.0.0.1:8786"}, "client must be a distributed.Client, not a str"),
+])
+def test_bad_execute_options_are_refused_before_any_work(tmp_path, options, message):
+    make_pair(tmp_path, "p", rows=2, nucleotide_width=2, protein_width=2)
+    job = dask_merge.plan(tmp_path, output_dir=tmp_path / "out")
+    options = {"scheduler": "sync", "progress": False, **options}
+    with pytest.raises(dask_merge.ConfigurationError) as info:
+        job.execute(**options)
+    assert message in str(info.value)
+    assert not list((tmp_path / "out").glob("*_merged.pt"))
+
+
+def test_run_refuses_an_unknown_option_before_making_the_output_folder(tmp_path):
+    make_pair(tmp_path, "p", rows=2, nucleotide_width=2, protein_width=2)
+    with pytest.raises(TypeError, match="worker"):
+        dask_merge.run(tmp_path, output_dir=tmp_path / "out", worker=2)
+    assert not (tmp_path / "out").exists()
+
+
 def test_unpaired_files_are_reported_and_protein_folder_may_differ(tmp_path):
     make_dataset(tmp_path / "nuc", pairs=3, rows=4, nucleotide_width=3, protein_width=5,
                  protein_folder=tmp_path / "prot")
