@@ -310,6 +310,8 @@ def plan(
         A missing folder, an output folder that cannot be written, no pairs,
         a bad label.
     """
+    if type(force) is not bool:
+        raise ConfigurationError(f"force must be True or False, not {force!r}")
     try:
         labels = label_value(label)
         found = find_pairs(nucleotide_dir, protein_dir, output_dir)

@@ -240,15 +240,20 @@ def label_value(label: str | int | None) -> list[int] | None:
     >>> label_value(2**63)
     Traceback (most recent call last):
     ValueError: label 9223372036854775808 does not fit in 64 bits
+    >>> label_value(1.5)
+    Traceback (most recent call last):
+    ValueError: label 1.5 is not 'viral', 'host' or an integer
     """
     if label is None:
         return None
     if isinstance(label, str) and label.lower() in LABELS:
         return [LABELS[label.lower()]]
-    try:
+    # Only ints and their decimal digits: int() would also take 1.5 (as 1),
+    # True, b"1", "1_000" or Arabic-Indic digits.
+    if type(label) is int or isinstance(label, str) and re.fullmatch(r"[+-]?[0-9]+", label):
         value = int(label)
-    except (TypeError, ValueError):
-        raise ValueError(f"label {short_repr(label)} is not 'viral', 'host' or an integer") from None
+    else:
+        raise ValueError(f"label {short_repr(label)} is not 'viral', 'host' or an integer")
     if not -(2**63) <= value < 2**63:  # a classifier reads labels as int64
         raise ValueError(f"label {short_repr(label)} does not fit in 64 bits")
     return [value]

@@ -217,6 +217,12 @@ def test_bad_execute_options_are_refused_before_any_work(tmp_path, options, mess
     assert not list((tmp_path / "out").glob("*_merged.pt"))
 
 
+def test_force_must_be_a_bool(tmp_path):
+    make_pair(tmp_path, "p", rows=2, nucleotide_width=2, protein_width=2)
+    with pytest.raises(dask_merge.ConfigurationError, match="force must be True or False, not 'no'"):
+        dask_merge.plan(tmp_path, output_dir=tmp_path / "out", force="no")  # would force
+
+
 def test_run_refuses_an_unknown_option_before_making_the_output_folder(tmp_path):
     make_pair(tmp_path, "p", rows=2, nucleotide_width=2, protein_width=2)
     with pytest.raises(TypeError, match="worker"):

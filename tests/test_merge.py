@@ -326,10 +326,18 @@ def test_labels_are_stored_and_load_with_plain_torch_load(tmp_path, good, label,
     assert_matches_reference(good.nucleotide, good.protein, out, label=label if label != "Viral" else "viral")
 
 
-def test_an_unknown_label_is_refused_before_reading(tmp_path, good):
-    with pytest.raises(ValueError, match="'bacterial'"):
-        merge_pair(good.nucleotide, good.protein, tmp_path / "o.pt", label="bacterial")
+@pytest.mark.parametrize("label", ["bacterial", 1.5, True, b"1", "1_000", " 7 ", "\u0661",
+                                   float("inf")])
+def test_an_unknown_label_is_refused_before_reading(tmp_path, good, label):
+    # int() would take most of these: 1.5 as 1, True as 1, "\u0661" (Arabic-Indic one) as 1.
+    with pytest.raises(ValueError, match="is not 'viral', 'host' or an integer"):
+        merge_pair(good.nucleotide, good.protein, tmp_path / "o.pt", label=label)
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_a_label_given_as_digits_is_stored_as_its_int(tmp_path, good):
+    merge_pair(good.nucleotide, good.protein, tmp_path / "o.pt", label="-3")
+    assert torch.load(tmp_path / "o.pt")["labels"] == [-3]
 
 
 # --- atomic writing -------------------------------------------------------------------------
