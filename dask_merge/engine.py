@@ -67,6 +67,7 @@ LOCAL_SCHEDULERS = {
     "sync": dask.local.get_sync,
 }
 TASK_NAME = "merge-pair"  # what tasks are called on the dashboard
+HTML_ROWS = 200  # rows of a plan or report shown in a notebook
 TARGET_PARTITION_BYTES = 32 * 2**20  # batch tiny pairs up to about this much input
 CONNECT_TIMEOUT = "5s"
 
@@ -146,19 +147,33 @@ class Report:
 
     def _repr_html_(self) -> str:
         counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
-        head = "".join(f"<th>{h}</th>" for h in ("pair", "status", "rows", "dropped", "seconds", "error"))
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-                r.name, r.status, "" if r.rows is None else r.rows,
-                "" if r.nucleotide_only is None else f"{r.nucleotide_only} + {r.protein_only}",
-                "" if r.seconds is None else f"{r.seconds:.2f}",
-                (r.error or r.reason or "")[:200],
-            )) + "</tr>"
-            for r in self.records[:200]
-        )
-        more = f"<p>... {len(self.records) - 200} more</p>" if len(self.records) > 200 else ""
-        return (f"<p><b>dask_merge report</b>: {counts} in {self.seconds:.1f} s on {self.scheduler}</p>"
-                f"<table><tr>{head}</tr>{body}</table>{more}")
+        rows = [(r.name, r.status, "" if r.rows is None else r.rows,
+                 "" if r.nucleotide_only is None else f"{r.nucleotide_only} + {r.protein_only}",
+                 "" if r.seconds is None else f"{r.seconds:.2f}", (r.error or r.reason or "")[:200])
+                for r in self.records]
+        return _html_table(
+            f"<b>dask_merge report</b>: {counts} in {self.seconds:.1f} s on {_html(self.scheduler)}",
+            ("pair", "status", "rows", "dropped", "seconds", "error"), rows)
+
+
+def _html(value: object) -> str:
+    """``value`` escaped for HTML, with undecodable file-name bytes shown as ``\\udcff``.
+
+    Jupyter sends HTML as UTF-8, which a lone surrogate would break.
+
+    >>> _html("<b>" + os.fsdecode(b"\\xff"))
+    '&lt;b&gt;\\\\udcff'
+    """
+    return html.escape(str(value)).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _html_table(title: str, head: tuple[str, ...], rows: list[tuple]) -> str:
+    """A title, a table of the first :data:`HTML_ROWS` rows, and how many more there are."""
+    heads = "".join(f"<th>{h}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{_html(v)}</td>" for v in row) + "</tr>"
+                   for row in rows[:HTML_ROWS])
+    more = f"<p>... {len(rows) - HTML_ROWS} more</p>" if len(rows) > HTML_ROWS else ""
+    return f"<p>{title}</p><table><tr>{heads}</tr>{body}</table>{more}"
 
 
 # --- the plan ----------------------------------------------------------------
@@ -284,14 +299,10 @@ class Plan:
         rows = [(p.name, "pending", "") for p in self.pending]
         rows += [(p.name, "checkpointed", c.reason) for p, c in self.done]
         rows += [(os.path.basename(u), "no partner", u) for u in self.unpaired]
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>"
-            for row in rows[:200]
-        )
-        return (f"<p><b>dask_merge plan</b>: {len(self.pending)} pending, {len(self.done)} "
-                f"checkpointed, {len(self.unpaired)} without a partner; outputs in "
-                f"{html.escape(self.output_dir)}</p>"
-                f"<table><tr><th>pair</th><th>state</th><th>why</th></tr>{body}</table>")
+        return _html_table(
+            f"<b>dask_merge plan</b>: {len(self.pending)} pending, {len(self.done)} checkpointed, "
+            f"{len(self.unpaired)} without a partner; outputs in {_html(self.output_dir)}",
+            ("pair", "state", "why"), rows)
 
 
 def plan(

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dask_merge
-from dask_merge.engine import TASK_NAME, Record, _bag, _partitions, _start_pool
+from dask_merge.engine import TASK_NAME, Record, Report, _bag, _partitions, _start_pool
 from dask_merge.plan import Pair
 from dask_merge.testing import make_dataset, make_pair, reference_merge
 
@@ -307,6 +307,20 @@ def test_plan_and_report_have_short_reprs(tmp_path):
     report = job.execute("sync", progress=False)
     assert re.fullmatch(r"<Report: merged 1, skipped 2, failed 0 in \d+\.\d s on sync>", repr(report))
     assert "\n" not in repr(job) + repr(report)
+
+
+def test_html_reprs_are_escaped_valid_utf8_and_bounded(tmp_path):
+    make_pair(tmp_path, "p", rows=2, nucleotide_width=2, protein_width=2)
+    odd = os.fsdecode(b"<img src=x onerror=alert(1)>\xff")  # a name holds no "/"
+    for name in [odd] + [f"lone{i}" for i in range(201)]:
+        open(tmp_path / f"{name}_DNABERT_S.pt", "wb").close()
+    job = dask_merge.plan(tmp_path, output_dir=tmp_path / "out")
+    report = Report([Record("p", "failed", error=f"{odd} is bad")], [], 1.0, "<b>sync</b>")
+    for shown in (job._repr_html_(), report._repr_html_()):
+        shown.encode("utf-8")  # a lone surrogate would fail here, and in Jupyter
+        assert "<img" not in shown and "&lt;img src=x onerror=alert(1)&gt;\\udcff" in shown
+    assert "<b>sync</b>" not in report._repr_html_()
+    assert job._repr_html_().endswith("<p>... 3 more</p>")  # 1 pending + 202 without a partner
 
 
 def test_import_is_light_and_the_engine_loads_on_first_use():
