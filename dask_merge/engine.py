@@ -183,6 +183,10 @@ def _html_table(title: str, head: tuple[str, ...], rows: list[tuple]) -> str:
 class Plan:
     """The pairs to merge and those already done; :meth:`execute` runs it.
 
+    A plan is what was found when it was made.  :meth:`execute` checks the
+    pending pairs again (unless ``force``): those merged since, by an earlier
+    execute of this plan or by another run, are skipped.
+
     >>> pair = Pair("output_0", "in/output_0_DNABERT_S.pt", "in/output_0_ESM.pt",
     ...             "out/output_0_merged.pt")
     >>> Plan([pair], [], ["in/output_1_ESM.pt"], None, "out")
@@ -194,6 +198,7 @@ class Plan:
     unpaired: list[str]
     labels: list[int] | None
     output_dir: str
+    force: bool = False
 
     def execute(
         self,
@@ -244,20 +249,21 @@ class Plan:
         _check_options(scheduler, client, scheduler_file, workers=workers, retries=retries,
                        partition_size=partition_size, progress=progress)
         workers = workers or os.cpu_count() or 1
-        skipped = [Record(p.name, "skipped", reason=c.reason, output=p.output) for p, c in self.done]
+        pending, done = self._still_pending()
+        skipped = [Record(p.name, "skipped", reason=c.reason, output=p.output) for p, c in done]
         start = time.perf_counter()
         given = client is not None or bool(scheduler_file)  # a cluster, whatever `scheduler` says
         local = not given and scheduler in LOCAL_SCHEDULERS
-        if self.pending and local and scheduler == "processes":
+        if pending and local and scheduler == "processes":
             _pool_context()  # the workers' imports, meanwhile
-        folders = {os.path.dirname(p.output) for p in self.pending}
+        folders = {os.path.dirname(p.output) for p in pending}
         folders |= {os.path.join(f, RECORD_FOLDER) for f in folders}  # and the records'
         for folder in folders:
             # A killed run's temporaries go now; one a live writer holds, never.
             remove_stale_temporaries(folder)
         dashboard = None
         try:
-            if not self.pending:
+            if not pending:
                 records = []
             elif not local:
                 with _distributed_client(scheduler, scheduler_file, client, workers,
@@ -267,12 +273,12 @@ class Plan:
                         print(f"dask-merge: dashboard at {dashboard}", file=sys.stderr)
                     # Batches for the threads the cluster has, not for this machine's cores.
                     threads = _cluster_threads(active) or workers
-                    partitions = _partitions(self.pending, partition_size, threads)
+                    partitions = _partitions(pending, partition_size, threads)
                     records = _run_distributed(active, partitions, self.labels, retries=retries,
                                                progress=progress,
                                                performance_report=performance_report)
             else:
-                partitions = _partitions(self.pending, partition_size, workers)
+                partitions = _partitions(pending, partition_size, workers)
                 if scheduler == "processes":
                     records = _run_processes(partitions, self.labels, workers=workers,
                                              retries=retries, progress=progress)
@@ -286,10 +292,22 @@ class Plan:
             raise
         for folder in folders:  # left by workers that died mid-write (and were retried)
             remove_stale_temporaries(folder)
-        order = {p.name: i for i, p in enumerate(self.pending)}
+        order = {p.name: i for i, p in enumerate(pending)}
         records.sort(key=lambda r: order[r.name])
         return Report(skipped + records, self.unpaired, time.perf_counter() - start,
                       "cluster" if given else scheduler, dashboard)
+
+    def _still_pending(self) -> tuple[list[Pair], list[tuple[Pair, Checkpoint]]]:
+        if self.force:
+            return self.pending, self.done
+        pending, done = [], list(self.done)
+        for pair in self.pending:
+            state = checkpoint_state(pair, labels=self.labels)
+            if state.done:
+                done.append((pair, state))
+            else:
+                pending.append(pair)
+        return pending, done
 
     def __repr__(self) -> str:
         return (f"<Plan: {len(self.pending)} pending, {len(self.done)} checkpointed, "
@@ -350,7 +368,7 @@ def plan(
             done.append((pair, state))
         else:
             pending.append(pair)
-    return Plan(pending, done, found.unpaired, labels, output_dir)
+    return Plan(pending, done, found.unpaired, labels, output_dir, force)
 
 
 def run(

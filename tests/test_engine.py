@@ -69,6 +69,21 @@ def test_rerun_skips_everything_and_skipped_pairs_never_reach_a_worker(dataset, 
     assert {r.reason for r in report.records} == {"up to date"}
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_a_plan_executed_again_skips_what_it_merged_unless_forced(dataset, tmp_path, force):
+    # In a notebook, re-running the cell with execute() must resume, not redo.
+    job = dask_merge.plan(dataset, output_dir=tmp_path / "out", force=force)
+    first = job.execute("sync", progress=False)
+    again = job.execute("sync", progress=False)
+    assert first.counts["merged"] == len(job.pending) > 0
+    if force:
+        assert again.counts == first.counts
+    else:
+        assert again.counts == {"merged": 0, "skipped": len(job.pending), "failed": 0}
+        assert {r.reason for r in again.records} == {"up to date"}
+    assert repr(job).startswith(f"<Plan: {len(job.pending)} pending")  # the plan is unchanged
+
+
 def test_resume_redoes_only_a_deleted_output_and_a_regenerated_input(dataset, tmp_path):
     out = tmp_path / "out"
     dask_merge.run(dataset, output_dir=out, scheduler="sync", progress=False)
