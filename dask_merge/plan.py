@@ -80,14 +80,15 @@ def find_pairs(
     Raises
     ------
     FileNotFoundError
-        A folder does not exist (the message names it).
+        A folder does not exist, or is a file (the message names it).
     """
     nucleotide_dir = os.fspath(nucleotide_dir)
     protein_dir = os.fspath(protein_dir) if protein_dir is not None else nucleotide_dir
     output_dir = os.fspath(output_dir) if output_dir is not None else nucleotide_dir
     for folder in {nucleotide_dir, protein_dir}:
         if not os.path.isdir(folder):
-            raise FileNotFoundError(f"input folder {folder} does not exist")
+            what = "is not a folder" if os.path.exists(folder) else "does not exist"
+            raise FileNotFoundError(f"input folder {folder} {what}")
     nucleotides = _stems(nucleotide_dir, NUCLEOTIDE_SUFFIX)
     proteins = _stems(protein_dir, PROTEIN_SUFFIX)
     pairs = [
@@ -178,6 +179,10 @@ def checkpoint_state(pair: Pair, *, labels: list[int] | None = None, force: bool
     inputs as they are now (and with the same label).  An output without a
     record, e.g. one that upstream wrote, counts as done too.
     """
+    if labels is not None and not (type(labels) is list and all(type(v) is int for v in labels)):
+        # A label as given to plan() ('viral', 1) would never equal the record's [1].
+        raise TypeError(f"labels must be a list of ints, as label_value() gives, or None; "
+                        f"not {labels!r}")
     if force:
         return Checkpoint(False, "forced")
     try:

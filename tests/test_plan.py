@@ -88,8 +88,11 @@ def test_a_stem_holding_the_temporary_mark_is_an_ordinary_pair(tmp_path):
 
 
 def test_a_missing_folder_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
         find_pairs(tmp_path / "nowhere")
+    touch(tmp_path, "a_file")
+    with pytest.raises(FileNotFoundError, match="a_file is not a folder"):
+        find_pairs(tmp_path / "a_file")
     with pytest.raises(FileNotFoundError, match="gone"):
         find_pairs(tmp_path, tmp_path / "gone")
 
@@ -175,6 +178,14 @@ def test_an_output_without_record_counts_as_done(pair):
 def test_something_other_than_a_file_under_the_output_name_is_no_output(pair, kind):
     os.mkdir(pair.output) if kind == "folder" else os.mkfifo(pair.output)
     assert checkpoint_state(pair) == Checkpoint(False, "no output yet (not a file under its name)")
+
+
+@pytest.mark.parametrize("labels", ["viral", 1, [True], ("1",)])
+def test_labels_must_be_given_as_they_are_recorded(pair, labels):
+    merge_with_record(pair, label="viral")
+    with pytest.raises(TypeError, match="labels must be a list of ints"):
+        checkpoint_state(pair, labels=labels)  # once answered "label changed"
+    assert checkpoint_state(pair, labels=[1]).done
 
 
 def test_force_makes_everything_pending(pair):
