@@ -37,6 +37,7 @@ import html
 import inspect
 import json
 import math
+import numbers
 import os
 import sys
 import time
@@ -387,7 +388,7 @@ def run(
     )
 
 
-def _check_options(scheduler, client, scheduler_file, **numbers) -> None:
+def _check_options(scheduler, client, scheduler_file, **options) -> None:
     """Refuse what :meth:`Plan.execute` cannot run with, naming it, before any work.
 
     >>> _check_options("thread", None, None, workers=None, retries=1, partition_size=None,
@@ -399,12 +400,13 @@ def _check_options(scheduler, client, scheduler_file, **numbers) -> None:
     dask_merge.engine.ConfigurationError: workers must be an int of at least 1 (or None), not 0
     """
     least = {"workers": 1, "partition_size": 1, "retries": 0}
-    for name, value in numbers.items():
+    for name, value in options.items():
         if name == "progress":
             ok, want = type(value) is bool, "True or False"
         else:
-            ok = (value is None and name != "retries") or (
-                type(value) is int and value >= least[name])
+            ok = (value is None and name != "retries") or (  # numpy's ints are Integral too
+                isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                and value >= least[name])
             want = f"an int of at least {least[name]}" + (" (or None)" if name != "retries" else "")
         if not ok:
             raise ConfigurationError(f"{name} must be {want}, not {value!r}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import numbers
 import os
 import re
 import threading
@@ -248,9 +249,10 @@ def label_value(label: str | int | None) -> list[int] | None:
         return None
     if isinstance(label, str) and label.lower() in LABELS:
         return [LABELS[label.lower()]]
-    # Only ints and their decimal digits: int() would also take 1.5 (as 1),
-    # True, b"1", "1_000" or Arabic-Indic digits.
-    if type(label) is int or isinstance(label, str) and re.fullmatch(r"[+-]?[0-9]+", label):
+    # Only ints (numpy's too) and their decimal digits: int() would also take
+    # 1.5 (as 1), True, b"1", "1_000" or Arabic-Indic digits.
+    if (isinstance(label, numbers.Integral) and not isinstance(label, bool)
+            or isinstance(label, str) and re.fullmatch(r"[+-]?[0-9]+", label)):
         value = int(label)
     else:
         raise ValueError(f"label {short_repr(label)} is not 'viral', 'host' or an integer")

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -230,6 +231,15 @@ def test_bad_execute_options_are_refused_before_any_work(tmp_path, options, mess
         job.execute(**options)
     assert message in str(info.value)
     assert not list((tmp_path / "out").glob("*_merged.pt"))
+
+
+def test_numpy_integers_are_taken_for_counts_and_labels(tmp_path):
+    make_pair(tmp_path, "p", rows=2, nucleotide_width=2, protein_width=2)
+    job = dask_merge.plan(tmp_path, output_dir=tmp_path / "out", label=np.int64(3))
+    report = job.execute("sync", workers=np.int64(1), partition_size=np.int32(1),
+                         retries=np.int8(0), progress=False)
+    assert report.counts["merged"] == 1
+    assert torch.load(tmp_path / "out" / "p_merged.pt")["labels"] == [3]
 
 
 def test_force_must_be_a_bool(tmp_path):
