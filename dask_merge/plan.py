@@ -191,6 +191,8 @@ def checkpoint_state(pair: Pair, *, labels: list[int] | None = None, force: bool
         output = fingerprint(pair.output)
     except FileNotFoundError:
         return Checkpoint(False, "no output yet")
+    except OSError as err:  # a symlink loop, no permission: the merge will replace it or say why
+        return Checkpoint(False, f"no output yet (unreadable: {err.strerror})")
     record = _read_record(record_path(pair.output))
     if type(record) is not dict:  # missing, unreadable, or valid JSON but not a record
         return Checkpoint(True, "output exists (no record: made elsewhere)")
