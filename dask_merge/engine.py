@@ -249,6 +249,9 @@ class Plan:
         """
         _check_options(scheduler, client, scheduler_file, workers=workers, retries=retries,
                        partition_size=partition_size, progress=progress)
+        # numpy's ints pass the check; distributed asserts Python ints.
+        workers, retries, partition_size = (
+            None if n is None else int(n) for n in (workers, retries, partition_size))
         workers = workers or os.cpu_count() or 1
         pending, done = self._still_pending()
         skipped = [Record(p.name, "skipped", reason=c.reason, output=p.output) for p, c in done]

@@ -233,11 +233,13 @@ def test_bad_execute_options_are_refused_before_any_work(tmp_path, options, mess
     assert not list((tmp_path / "out").glob("*_merged.pt"))
 
 
-def test_numpy_integers_are_taken_for_counts_and_labels(tmp_path):
+@pytest.mark.parametrize("scheduler", ["sync", "local"])
+def test_numpy_integers_are_taken_for_counts_and_labels(tmp_path, scheduler):
+    # distributed asserts Python ints: retries=np.int64(1) failed every pair on a cluster.
     make_pair(tmp_path, "p", rows=2, nucleotide_width=2, protein_width=2)
     job = dask_merge.plan(tmp_path, output_dir=tmp_path / "out", label=np.int64(3))
-    report = job.execute("sync", workers=np.int64(1), partition_size=np.int32(1),
-                         retries=np.int8(0), progress=False)
+    report = job.execute(scheduler, workers=np.int64(1), partition_size=np.int32(1),
+                         retries=np.int8(1), progress=False, dashboard_address="127.0.0.1:0")
     assert report.counts["merged"] == 1
     assert torch.load(tmp_path / "out" / "p_merged.pt")["labels"] == [3]
 
