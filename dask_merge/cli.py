@@ -66,8 +66,13 @@ def run_command(nucleotide_dir, protein_dir, output_dir, scheduler, scheduler_fi
                 dashboard_address, label, force, dry_run, report_path, no_progress, retries,
                 partition_size, performance_report) -> None:
     """Merge every pair of NUCLEOTIDE-DIR / PROTEIN-DIR into OUTPUT-DIR."""
-    from .engine import ConfigurationError, plan
+    from .engine import ConfigurationError, _check_options, plan
 
+    try:  # a typo'd scheduler fails before planning makes the output folder
+        _check_options(scheduler, None, scheduler_file, workers=workers, retries=retries,
+                       partition_size=partition_size, progress=not no_progress)
+    except ConfigurationError as err:
+        _fail(str(err))
     if performance_report and scheduler in ("processes", "threads", "sync") and not scheduler_file:
         _fail("--performance-report needs a cluster: --scheduler local, an address or --scheduler-file")
     for path in (report_path, performance_report):  # known before the work, not after it

@@ -52,6 +52,7 @@ import dask.local
 import dask.multiprocessing
 import dask.threaded
 from dask.base import tokenize
+from dask.utils import parse_timedelta
 
 from ._worker_main import parent_main_announced
 from .formats import atomic_write, label_value, remove_stale_temporaries
@@ -385,7 +386,12 @@ def run(
     **execute_options,
 ) -> Report:
     """Plan and execute in one call: ``plan(...).execute(**execute_options)``."""
-    inspect.signature(Plan.execute).bind(None, **execute_options)  # a typo fails before planning
+    # Unknown options and bad values fail before planning creates the output folder.
+    given = inspect.signature(Plan.execute).bind(None, **execute_options)
+    given.apply_defaults()
+    _check_options(**{k: v for k, v in given.arguments.items()
+                      if k in ("scheduler", "client", "scheduler_file", "workers", "retries",
+                               "partition_size", "progress")})
     return plan(nucleotide_dir, protein_dir, output_dir, label=label, force=force).execute(
         **execute_options
     )
@@ -647,13 +653,26 @@ def _distributed_client(scheduler, scheduler_file, client, workers, dashboard_ad
             yield local
         return
     target = {"scheduler_file": scheduler_file} if scheduler_file else {"address": scheduler}
+    if scheduler_file:
+        _wait_for_file(scheduler_file)  # distributed would wait for it forever
     try:
         remote = Client(**target, timeout=CONNECT_TIMEOUT)
-    except (OSError, TimeoutError, ValueError) as err:
+    except (OSError, TimeoutError, ValueError, KeyError, AssertionError) as err:
+        # KeyError, AssertionError: a scheduler file without the scheduler's address
         where = scheduler_file or scheduler
         raise ConfigurationError(f"cannot reach a Dask scheduler at {where}: {err}") from None
     with remote:
         yield remote
+
+
+def _wait_for_file(path: str) -> None:
+    """Wait up to the connect timeout for a scheduler to write its file (dask-mpi starts both)."""
+    deadline = time.monotonic() + parse_timedelta(CONNECT_TIMEOUT)
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise ConfigurationError(f"scheduler file {path} does not exist "
+                                     f"(waited {CONNECT_TIMEOUT} for a scheduler to write it)")
+        time.sleep(0.1)
 
 
 def _paths_visible(paths: list[str]) -> list[str]:

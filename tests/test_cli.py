@@ -84,9 +84,18 @@ def test_dry_run_prints_the_plan_and_merges_nothing(dataset, tmp_path):
      "cannot write {tmp}/nowhere/r.json: folder {tmp}/nowhere does not exist"),
     (["--nucleotide-dir", "{data}", "--output-dir", "{tmp}/out", "--label", "9" * 30],
      "does not fit in 64 bits"),
+    (["--nucleotide-dir", "{data}", "--output-dir", "{tmp}/out", "--label", "9" * 5000],
+     "does not fit in 64 bits"),  # int() refuses 4,300 digits, in its own words
+    (["--nucleotide-dir", "{data}", "--output-dir", "{tmp}/out", "--scheduler", "bogus"],
+     "unknown scheduler 'bogus'"),
+    (["--nucleotide-dir", "{data}", "--output-dir", "{tmp}/out", "--scheduler-file", "{tmp}/none.json"],
+     "scheduler file {tmp}/none.json does not exist"),  # distributed waited for it forever
+    (["--nucleotide-dir", "{data}", "--output-dir", "{tmp}/out", "--scheduler-file", "{tmp}/empty.json"],
+     "cannot reach a Dask scheduler at {tmp}/empty.json"),  # was an AssertionError traceback
 ])
 def test_configuration_errors_exit_2_with_one_clear_line(dataset, tmp_path, args, message):
     fill = {"tmp": tmp_path, "data": dataset}
+    (tmp_path / "empty.json").write_text("{}")
     result = invoke("run", *[a.format(**fill) for a in args], "--no-progress")
     assert result.exit_code == 2
     assert message.format(**fill) in result.output

@@ -254,6 +254,8 @@ def test_run_refuses_an_unknown_option_before_making_the_output_folder(tmp_path)
     make_pair(tmp_path, "p", rows=2, nucleotide_width=2, protein_width=2)
     with pytest.raises(TypeError, match="worker"):
         dask_merge.run(tmp_path, output_dir=tmp_path / "out", worker=2)
+    with pytest.raises(dask_merge.ConfigurationError, match="workers must be"):
+        dask_merge.run(tmp_path, output_dir=tmp_path / "out", workers=0)
     assert not (tmp_path / "out").exists()
 
 
