@@ -305,8 +305,11 @@ class Plan:
     def _still_pending(self) -> tuple[list[Pair], list[tuple[Pair, Checkpoint]]]:
         if self.force:
             return self.pending, self.done
-        pending, done = [], list(self.done)
-        for pair in self.pending:
+        # Those done at planning are checked again only if their output went
+        # (a stat each); reading every record twice would cost more.
+        gone = {p for p, _ in self.done if not os.path.isfile(p.output)}
+        pending, done = [], [(p, c) for p, c in self.done if p not in gone]
+        for pair in self.pending + [p for p, _ in self.done if p in gone]:
             state = checkpoint_state(pair, labels=self.labels)
             if state.done:
                 done.append((pair, state))

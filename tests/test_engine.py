@@ -82,6 +82,9 @@ def test_a_plan_executed_again_skips_what_it_merged_unless_forced(dataset, tmp_p
     else:
         assert again.counts == {"merged": 0, "skipped": len(job.pending), "failed": 0}
         assert {r.reason for r in again.records} == {"up to date"}
+        done = dask_merge.plan(dataset, output_dir=tmp_path / "out")
+        os.remove(done.done[0][0].output)  # checkpointed when planned, gone since
+        assert done.execute("sync", progress=False).counts["merged"] == 1
     assert repr(job).startswith(f"<Plan: {len(job.pending)} pending")  # the plan is unchanged
 
 
