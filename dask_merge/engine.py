@@ -187,7 +187,8 @@ class Plan:
 
     A plan is what was found when it was made.  :meth:`execute` checks the
     pending pairs again (unless ``force``): those merged since, by an earlier
-    execute of this plan or by another run, are skipped.
+    execute of this plan or by another run, are skipped; and a checkpointed
+    pair whose output has gone since is merged.
 
     >>> pair = Pair("output_0", "in/output_0_DNABERT_S.pt", "in/output_0_ESM.pt",
     ...             "out/output_0_merged.pt")
