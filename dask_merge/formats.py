@@ -263,14 +263,6 @@ def label_value(label: str | int | None) -> list[int] | None:
     return [value]
 
 
-def _encodes(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def write_merged(path: str, ids: list[str], data: np.ndarray | ArrayBlocks,
                  labels: list[int] | None) -> None:
     """Write a merged feature file atomically; it loads with plain ``torch.load``."""
@@ -278,7 +270,9 @@ def write_merged(path: str, ids: list[str], data: np.ndarray | ArrayBlocks,
     if labels is not None:
         content["labels"] = labels
     name = os.path.basename(path).removesuffix(".pt")
-    if not name.isascii() and not _encodes(name):
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
         # Undecodable bytes of the file name (surrogates): torch.save cannot
         # write it at all.  Its name for archives saved to a buffer will do.
         name = "archive"
