@@ -251,16 +251,15 @@ def label_value(label: str | int | None) -> list[int] | None:
         return [LABELS[label.lower()]]
     # Only ints (numpy's too) and their decimal digits: int() would also take
     # 1.5 (as 1), True, b"1", "1_000" or Arabic-Indic digits.
-    if (isinstance(label, numbers.Integral) and not isinstance(label, bool)
+    if not (isinstance(label, numbers.Integral) and not isinstance(label, bool)
             or isinstance(label, str) and re.fullmatch(r"[+-]?[0-9]+", label)):
-        if len(label.lstrip("+-0") if isinstance(label, str) else "") > 19:
-            raise ValueError(f"label {short_repr(label)} does not fit in 64 bits")
-        value = int(label)  # (a str of over 4,300 digits would not even convert)
-    else:
         raise ValueError(f"label {short_repr(label)} is not 'viral', 'host' or an integer")
-    if not -(2**63) <= value < 2**63:  # a classifier reads labels as int64
+    # A classifier reads labels as int64.  Digits are counted first: int()
+    # refuses a str of over 4,300 of them, in words that do not name the label.
+    digits = label.lstrip("+-0") if isinstance(label, str) else ""
+    if len(digits) > 19 or not -(2**63) <= int(label) < 2**63:
         raise ValueError(f"label {short_repr(label)} does not fit in 64 bits")
-    return [value]
+    return [int(label)]
 
 
 def write_merged(path: str, ids: list[str], data: np.ndarray | ArrayBlocks,
