@@ -106,10 +106,13 @@ def find_pairs(
 # --- checkpoints ------------------------------------------------------------------
 
 
-def fingerprint(path: str) -> dict[str, int]:
-    """What identifies a file's content without reading it: size and mtime_ns."""
-    stat = os.stat(path)
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+def fingerprint(path: str | os.PathLike[str] | os.stat_result) -> dict[str, int]:
+    """What identifies a file's content without reading it: size and mtime_ns.
+
+    Of a path, or of what ``os.stat`` already said about one.
+    """
+    found = path if isinstance(path, os.stat_result) else os.stat(path)
+    return {"size": found.st_size, "mtime_ns": found.st_mtime_ns}
 
 
 def input_fingerprints(pair: Pair) -> dict[str, dict[str, int]]:
@@ -186,13 +189,14 @@ def checkpoint_state(pair: Pair, *, labels: list[int] | None = None, force: bool
     if force:
         return Checkpoint(False, "forced")
     try:
-        if not stat.S_ISREG(os.stat(pair.output).st_mode):  # a folder or FIFO is no output
-            return Checkpoint(False, "no output yet (not a file under its name)")
-        output = fingerprint(pair.output)
+        found = os.stat(pair.output)
     except FileNotFoundError:
         return Checkpoint(False, "no output yet")
     except OSError as err:  # a symlink loop, no permission: the merge will replace it or say why
         return Checkpoint(False, f"no output yet (unreadable: {err.strerror})")
+    if not stat.S_ISREG(found.st_mode):  # a folder or FIFO is no output
+        return Checkpoint(False, "no output yet (not a file under its name)")
+    output = fingerprint(found)
     record = _read_record(record_path(pair.output))
     if type(record) is not dict:  # missing, unreadable, or valid JSON but not a record
         return Checkpoint(True, "output exists (no record: made elsewhere)")
