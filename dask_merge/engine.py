@@ -393,16 +393,17 @@ def run(
     # Unknown options and bad values fail before planning creates the output folder.
     given = inspect.signature(Plan.execute).bind(None, **execute_options)
     given.apply_defaults()
-    _check_options(**{k: v for k, v in given.arguments.items()
-                      if k in ("scheduler", "client", "scheduler_file", "workers", "retries",
-                               "partition_size", "progress")})
+    _check_options(**{k: v for k, v in given.arguments.items() if k != "self"})
     return plan(nucleotide_dir, protein_dir, output_dir, label=label, force=force).execute(
         **execute_options
     )
 
 
-def _check_options(scheduler, client, scheduler_file, **options) -> None:
+def _check_options(scheduler, client, scheduler_file, *, workers, retries, partition_size,
+                   progress, **_others) -> None:
     """Refuse what :meth:`Plan.execute` cannot run with, naming it, before any work.
+
+    Takes execute's arguments by name; those it does not check are ignored.
 
     >>> _check_options("thread", None, None, workers=None, retries=1, partition_size=None,
     ...                progress=True)
@@ -412,17 +413,16 @@ def _check_options(scheduler, client, scheduler_file, **options) -> None:
     Traceback (most recent call last):
     dask_merge.engine.ConfigurationError: workers must be an int of at least 1 (or None), not 0
     """
-    least = {"workers": 1, "partition_size": 1, "retries": 0}
-    for name, value in options.items():
-        if name == "progress":
-            ok, want = type(value) is bool, "True or False"
-        else:
-            ok = (value is None and name != "retries") or (  # numpy's ints are Integral too
+    for name, value, least, optional in (("workers", workers, 1, True),
+                                         ("partition_size", partition_size, 1, True),
+                                         ("retries", retries, 0, False)):
+        if not (value is None and optional or (  # numpy's ints are Integral too
                 isinstance(value, numbers.Integral) and not isinstance(value, bool)
-                and value >= least[name])
-            want = f"an int of at least {least[name]}" + (" (or None)" if name != "retries" else "")
-        if not ok:
-            raise ConfigurationError(f"{name} must be {want}, not {value!r}")
+                and value >= least)):
+            raise ConfigurationError(f"{name} must be an int of at least {least}"
+                                     f"{' (or None)' if optional else ''}, not {value!r}")
+    if type(progress) is not bool:
+        raise ConfigurationError(f"progress must be True or False, not {progress!r}")
     if client is not None:
         from distributed import Client
 
