@@ -309,14 +309,9 @@ class Plan:
         # Those done at planning are checked again only if their output went
         # (a stat each); reading every record twice would cost more.
         gone = {p for p, _ in self.done if not os.path.isfile(p.output)}
-        pending, done = [], [(p, c) for p, c in self.done if p not in gone]
-        for pair in self.pending + [p for p, _ in self.done if p in gone]:
-            state = checkpoint_state(pair, labels=self.labels)
-            if state.done:
-                done.append((pair, state))
-            else:
-                pending.append(pair)
-        return pending, done
+        pending, done = _by_checkpoint(self.pending + [p for p, _ in self.done if p in gone],
+                                       self.labels)
+        return pending, [(p, c) for p, c in self.done if p not in gone] + done
 
     def __repr__(self) -> str:
         return (f"<Plan: {len(self.pending)} pending, {len(self.done)} checkpointed, "
@@ -370,14 +365,21 @@ def plan(
     records = os.path.join(output_dir, RECORD_FOLDER)
     if os.path.lexists(records) and not os.path.isdir(records):
         raise ConfigurationError(f"{records} is not a folder: the checkpoint records go there")
+    pending, done = _by_checkpoint(found.pairs, labels, force=force)
+    return Plan(pending, done, found.unpaired, labels, output_dir, force)
+
+
+def _by_checkpoint(pairs: list[Pair], labels: list[int] | None, *, force: bool = False
+                   ) -> tuple[list[Pair], list[tuple[Pair, Checkpoint]]]:
+    """The pairs to merge, and those done with why (see :func:`checkpoint_state`)."""
     pending, done = [], []
-    for pair in found.pairs:
+    for pair in pairs:
         state = checkpoint_state(pair, labels=labels, force=force)
         if state.done:
             done.append((pair, state))
         else:
             pending.append(pair)
-    return Plan(pending, done, found.unpaired, labels, output_dir, force)
+    return pending, done
 
 
 def run(
