@@ -11,6 +11,9 @@ The fork server imports this module before it forks any worker.  It puts a
 stand-in under ``__main__`` that carries the parent script's path or module
 name, which is all multiprocessing checks before it skips loading the
 script (``spawn._fixup_main_from_path`` and ``_fixup_main_from_name``).
+
+:func:`pool_context` starts that fork server.  It lives here, free of Dask,
+so that the command line can start the server before it imports the engine.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from __future__ import annotations
 import contextlib
 import importlib.machinery
 import json
+import multiprocessing
 import os
 import sys
 import types
 from collections.abc import Iterator
+from multiprocessing.context import BaseContext
 
 _ENVIRON = "DASK_MERGE_PARENT_MAIN"
 
@@ -41,6 +46,32 @@ def parent_main_announced() -> Iterator[None]:
         yield
     finally:
         os.environ.pop(_ENVIRON, None)
+
+
+def pool_context() -> BaseContext:
+    """The start method of the pool's workers: forked from a clean fork server.
+
+    Never forked from this process: the pipeline may run CUDA here, and a
+    notebook has threads.  The fork server (Python's default from 3.14 on)
+    starts once per interpreter, without torch or distributed, and imports
+    the kernel, numpy and Dask's core.  Workers then start in milliseconds,
+    retry pools too.  They never run the parent's ``__main__`` script,
+    which spawned workers would each run again.  Where there is no fork
+    server (Windows), workers are spawned.
+
+    The first call starts the server, which takes ~0.2 s of one core to
+    import: called early, it does so while this process imports and plans.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    # Read when the server starts (the first pool of this interpreter), else ignored.
+    context.set_forkserver_preload(["dask_merge._worker_main", "dask_merge.tasks", "dask.local"])
+    with parent_main_announced():
+        forkserver.ensure_running()
+    return context
 
 
 def stand_in(*, init_main_from_path: str | None = None,

@@ -54,7 +54,7 @@ import dask.threaded
 from dask.base import tokenize
 from dask.utils import parse_timedelta
 
-from ._worker_main import parent_main_announced
+from ._worker_main import pool_context
 from .formats import atomic_write, label_value, remove_stale_temporaries
 from .plan import RECORD_FOLDER, Checkpoint, Pair, checkpoint_state, find_pairs
 from .tasks import (  # noqa: F401 (merge_one)
@@ -261,7 +261,7 @@ class Plan:
         given = client is not None or bool(scheduler_file)  # a cluster, whatever `scheduler` says
         local = not given and scheduler in LOCAL_SCHEDULERS
         if pending and local and scheduler == "processes":
-            _pool_context()  # the workers' imports, meanwhile
+            pool_context()  # the workers' imports, meanwhile
         folders = {os.path.dirname(p.output) for p in pending}
         folders |= {os.path.join(f, RECORD_FOLDER) for f in folders}  # and the records'
         for folder in folders:
@@ -547,35 +547,6 @@ def _isolate(suspects, labels, retries: int, progress: bool) -> list[Record]:
     return records
 
 
-def _pool_context():
-    """The start method of the pool's workers: forked from a clean fork server.
-
-    Never forked from this process: the pipeline may run CUDA here, and a
-    notebook has threads.  The fork server (Python's default from 3.14 on)
-    starts once per interpreter, without torch or distributed, and imports
-    the kernel, numpy and Dask's core.  Workers then start in milliseconds,
-    retry pools too.  They never run the parent's ``__main__`` script,
-    which spawned workers would each run again
-    (:mod:`dask_merge._worker_main`).  Where there is no fork server
-    (Windows), workers are spawned.
-
-    Called early, it starts the server, which imports while this process
-    plans the batches.
-    """
-    import multiprocessing
-
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    from multiprocessing import forkserver
-
-    context = multiprocessing.get_context("forkserver")
-    # Read when the server starts (the first pool of this interpreter), else ignored.
-    context.set_forkserver_preload(["dask_merge._worker_main", "dask_merge.tasks", "dask.local"])
-    with parent_main_announced():
-        forkserver.ensure_running()
-    return context
-
-
 def _start_pool(workers: int) -> ProcessPoolExecutor:
     """A pool of ``workers`` processes, started as tasks are submitted.
 
@@ -585,7 +556,7 @@ def _start_pool(workers: int) -> ProcessPoolExecutor:
     spawned, on Windows).
     """
     threads = max(1, (os.cpu_count() or 1) // workers)
-    return ProcessPoolExecutor(workers, mp_context=_pool_context(),
+    return ProcessPoolExecutor(workers, mp_context=pool_context(),
                                initializer=pool_worker, initargs=(threads,))
 
 
