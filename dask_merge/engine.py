@@ -395,7 +395,11 @@ def run(
     # Unknown options and bad values fail before planning creates the output folder.
     given = inspect.signature(Plan.execute).bind(None, **execute_options)
     given.apply_defaults()
-    _check_options(**{k: v for k, v in given.arguments.items() if k != "self"})
+    options = given.arguments
+    _check_options(**{k: v for k, v in options.items() if k != "self"})
+    on_a_cluster = options["client"] is not None or options["scheduler_file"]
+    if options["scheduler"] == "processes" and not on_a_cluster:
+        pool_context()  # the pool's imports, while this process plans
     return plan(nucleotide_dir, protein_dir, output_dir, label=label, force=force).execute(
         **execute_options
     )

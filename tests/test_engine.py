@@ -397,6 +397,32 @@ def test_a_local_run_never_imports_distributed(tmp_path, scheduler):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.parametrize("scheduler, started", [("processes", True), ("sync", False)])
+def test_run_starts_the_pool_before_planning(tmp_path, scheduler, started):
+    # The fork server's imports (~0.2 s of one core) overlap the planning.
+    make_dataset(tmp_path / "features", pairs=2, rows=5, nucleotide_width=3, protein_width=4)
+    code = f"""if __name__ == "__main__":
+        from multiprocessing import forkserver
+        import dask_merge
+        from dask_merge import engine
+
+        seen, find_pairs = [], engine.find_pairs
+        def watched(*args, **kwargs):  # _forkserver_pid is CPython's
+            seen.append(forkserver._forkserver._forkserver_pid is not None)
+            return find_pairs(*args, **kwargs)
+        engine.find_pairs = watched
+        report = dask_merge.run({str(tmp_path / "features")!r}, output_dir={str(tmp_path)!r},
+                                scheduler={scheduler!r}, workers=2, progress=False)
+        assert report.counts["merged"] == 2, report.summary()
+        assert seen == [{started!r}], seen
+    """
+    script = tmp_path / "run.py"
+    script.write_text(code)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.parametrize("how", ["path", "module"])
 def test_pool_workers_never_run_the_parents_script(tmp_path, how):
     # A pipeline script imports torch, has side effects and, written in a
