@@ -7,6 +7,7 @@ when interrupted.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -28,6 +29,19 @@ EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
 def _fail(message: str) -> None:
     click.echo(f"dask-merge: error: {message}", err=True)
     sys.exit(EXIT_CONFIG)
+
+
+def _exits_130_on_ctrl_c(command):
+    """Ctrl-C at any moment of ``run``: exit 130, say what is done, no traceback."""
+    @functools.wraps(command)
+    def wrapper(**options):
+        started = time.perf_counter()
+        try:
+            command(**options)
+        except KeyboardInterrupt:
+            _interrupted(options["nucleotide_dir"], options["protein_dir"], options["output_dir"],
+                         options["label"], started)
+    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,6 +76,7 @@ def main() -> None:
               help="Pairs per task [default: chosen from the pair sizes].")
 @click.option("--performance-report", type=click.Path(dir_okay=False),
               help="On a cluster: write Dask's HTML performance report here.")
+@_exits_130_on_ctrl_c
 def run_command(nucleotide_dir, protein_dir, output_dir, scheduler, scheduler_file, workers,
                 dashboard_address, label, force, dry_run, report_path, no_progress, retries,
                 partition_size, performance_report) -> None:
@@ -88,7 +103,6 @@ def run_command(nucleotide_dir, protein_dir, output_dir, scheduler, scheduler_fi
     _print_plan(the_plan, verbose=dry_run)
     if dry_run:
         return
-    started = time.perf_counter()
     try:
         report = the_plan.execute(
             scheduler, workers=workers, scheduler_file=scheduler_file,
@@ -97,8 +111,6 @@ def run_command(nucleotide_dir, protein_dir, output_dir, scheduler, scheduler_fi
         )
     except ConfigurationError as err:
         _fail(str(err))
-    except KeyboardInterrupt:
-        _interrupted(nucleotide_dir, protein_dir, output_dir, label, started)
     _finish(report, output_dir, report_path)
 
 
@@ -123,13 +135,13 @@ def _print_plan(the_plan, *, verbose: bool) -> None:
 
 
 def _interrupted(nucleotide_dir, protein_dir, output_dir, label, started) -> None:
-    from .engine import ConfigurationError, plan
-
     # Workers are stopped and temporaries removed by the engine; tell what is done.
     try:
+        from .engine import plan  # Ctrl-C may have broken off its import
+
         after = plan(nucleotide_dir, protein_dir, output_dir, label=label)
         done = f"{len(after.done)} pairs are done, {len(after.pending)} left. "
-    except (ConfigurationError, OSError, KeyboardInterrupt) as err:  # a folder gone, Ctrl-C again
+    except (Exception, KeyboardInterrupt) as err:  # a folder gone, Ctrl-C again, ...
         done = f"cannot tell what is done ({str(err) or 'interrupted again'}). "
     click.echo(f"\ndask-merge: interrupted after {time.perf_counter() - started:.1f} s; "
                f"{done}Run the same command again to resume.", err=True)

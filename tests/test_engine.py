@@ -454,6 +454,38 @@ assert "torch" not in modules and "dask_merge.tasks" in modules, modules
     assert len(ran) == 1, f"the script ran in {len(ran)} processes"
 
 
+@pytest.mark.parametrize("how", ["path", "module"])
+def test_the_parents_own_fork_server_pools_still_work(tmp_path, how):
+    # The fork server is the interpreter's: a pipeline's own pools of that
+    # start method (Python's default from 3.14 on) fork from it after a run,
+    # and must find the script's functions and Python's Ctrl-C handler there.
+    make_dataset(tmp_path / "features", pairs=2, rows=5, nucleotide_width=3, protein_width=4)
+    code = f"""
+import multiprocessing, signal
+import dask_merge
+
+def square(x):
+    return x * x
+
+def ctrl_c_as_usual(_):
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    return signal.getsignal(signal.SIGINT) is signal.default_int_handler and not blocked
+
+if __name__ == "__main__":
+    report = dask_merge.run({str(tmp_path / "features")!r}, output_dir={str(tmp_path / "out")!r},
+                            scheduler="processes", workers=2, progress=False)
+    assert report.counts["merged"] == 2, report.summary()
+    with multiprocessing.get_context("forkserver").Pool(2) as pool:
+        assert pool.map(square, [1, 2, 3]) == [1, 4, 9]
+        assert pool.map(ctrl_c_as_usual, [0, 1]) == [True, True]
+"""
+    (tmp_path / "pipeline.py").write_text(code)
+    command = [sys.executable, *(["pipeline.py"] if how == "path" else ["-m", "pipeline"])]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+
+
 def test_pool_workers_import_neither_distributed_nor_torch(tmp_path):
     # The processes scheduler's children pay for what they import, once per
     # run: Dask's core and the kernel, not distributed or torch.

@@ -254,6 +254,51 @@ def test_ctrl_c_stops_everything_cleans_up_and_the_rerun_resumes(inputs, tmp_pat
     assert_resumes(features, out, inputs)
 
 
+def test_ctrl_c_while_the_pool_starts_exits_130_without_a_traceback(tmp_path):
+    # The command starts the pool's fork server first, which imports for ~0.2 s.
+    # Ctrl-C then used to kill it mid-import (tracebacks, a "Fatal Python
+    # error", EOFError) while the command, still planning, exited 1.
+    features = _small_dataset(tmp_path / "features")
+    run = cli("--nucleotide-dir", features, "--output-dir", tmp_path / "out", "--no-progress",
+              start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not any("forkserver" in " ".join(p.cmdline()) for p in descendants(run.pid)):
+            assert run.poll() is None and time.monotonic() < deadline, run.communicate()
+            time.sleep(0.001)
+        os.killpg(run.pid, signal.SIGINT)  # the server is importing now
+        _, stderr = run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 130, stderr
+    assert "interrupted after" in stderr and "Run the same command again" in stderr, stderr
+    for noise in ("Traceback", "Fatal Python error", "EOFError", "Aborted"):
+        assert noise not in stderr, stderr
+
+
+def test_ctrl_c_to_the_fork_server_as_it_starts_is_held_then_dropped(tmp_path):
+    # It ignores SIGINT only after its imports; before, a Ctrl-C killed it.
+    code = """if __name__ == "__main__":
+        import os, signal
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import forkserver
+        from dask_merge._worker_main import pool_context
+
+        context = pool_context()
+        os.kill(forkserver._forkserver._forkserver_pid, signal.SIGINT)  # it is starting
+        with ProcessPoolExecutor(1, mp_context=context) as pool:
+            assert pool.submit(pow, 2, 3).result(timeout=60) == 8
+        print("served")
+    """
+    script = tmp_path / "start.py"
+    script.write_text(code)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0 and "served" in done.stdout, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+
+
 # --- 3. a worker process killed mid-pair -------------------------------------------------------
 
 
