@@ -275,7 +275,7 @@ class Plan:
                 with _distributed_client(scheduler, scheduler_file, client, workers,
                                          dashboard_address, retries) as active:
                     dashboard = active.dashboard_link
-                    if progress and dashboard:
+                    if dashboard:  # with or without progress bars: where to watch the run
                         print(f"dask-merge: dashboard at {dashboard}", file=sys.stderr)
                     # Batches for the threads the cluster has, not for this machine's cores.
                     threads = _cluster_threads(active) or workers

@@ -112,6 +112,8 @@ def test_cluster_run_from_the_command_line(cluster, dataset, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert "merged 6, skipped 0, failed 0" in done.stderr
+    # --no-progress drops the bars, not where to watch the run
+    assert "dask-merge: dashboard at http://" in done.stderr, done.stderr
 
 
 def test_unreachable_scheduler_fails_within_seconds(dataset, tmp_path):
