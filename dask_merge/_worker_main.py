@@ -125,7 +125,7 @@ def stand_in(*, init_main_from_path: str | None = None,
     if init_main_from_name is not None:
         main.__spec__ = importlib.machinery.ModuleSpec(init_main_from_name, None)
 
-    def __getattr__(name: str):  # noqa: N807 (PEP 562)
+    def __getattr__(name: str):  # PEP 562: looked up when a name is missing
         # Dunder look-ups are a library probing, not a pickled function.
         runnable = not (name.startswith("__") and name.endswith("__"))
         if runnable and main.__dict__.pop("__getattr__", None) is not None:  # once

@@ -141,7 +141,9 @@ def _interrupted(nucleotide_dir, protein_dir, output_dir, label, started) -> Non
 
         after = plan(nucleotide_dir, protein_dir, output_dir, label=label)
         done = f"{len(after.done)} pairs are done, {len(after.pending)} left. "
-    except (Exception, KeyboardInterrupt) as err:  # a folder gone, Ctrl-C again, ...
+    except (ValueError, OSError, ImportError, KeyboardInterrupt) as err:
+        # A folder gone (ConfigurationError is a ValueError), the engine's import
+        # cut short by the Ctrl-C, or Ctrl-C again.
         done = f"cannot tell what is done ({str(err) or 'interrupted again'}). "
     click.echo(f"\ndask-merge: interrupted after {time.perf_counter() - started:.1f} s; "
                f"{done}Run the same command again to resume.", err=True)
