@@ -8,14 +8,14 @@ would pay for it in each worker, and one without an
 ``if __name__ == "__main__":`` guard would start its whole run again there.
 
 The fork server imports this module, last of its preload, before it forks
-any worker.  It puts a stand-in under ``__main__`` that carries the parent
-script's path or module name, which is all multiprocessing checks before it
-skips loading the script (``spawn._fixup_main_from_path`` and
-``_fixup_main_from_name``).  The fork server is the interpreter's, not only
-ours: the parent's own pools of that start method (the default from Python
-3.14 on) fork from it too, and pickle the script's functions by name.  So
-the stand-in runs the script, as multiprocessing would have, when a name
-is first looked up in it; our workers never look one up.
+any worker.  It puts a stand-in under ``__main__`` that shows our workers
+the parent script's path or module name, which is all multiprocessing
+checks before it skips loading the script (``spawn._fixup_main_from_path``
+and ``_fixup_main_from_name``).  The fork server is the interpreter's, not
+only ours: the parent's own pools of that start method (the default from
+Python 3.14 on) fork from it too.  Their workers are not named as ours
+(:class:`PoolProcess`): the stand-in shows them nothing, and they run the
+script as multiprocessing always does.
 
 :func:`pool_context` starts that fork server.  It lives here, free of Dask,
 so that the command line can start the server before it imports the engine.
@@ -28,12 +28,11 @@ import importlib.machinery
 import json
 import multiprocessing
 import os
-import runpy
 import signal
 import sys
 import types
 from collections.abc import Iterator
-from multiprocessing.context import BaseContext
+from multiprocessing.context import BaseContext, ForkServerContext, ForkServerProcess
 
 _ENVIRON = "DASK_MERGE_PARENT_MAIN"
 
@@ -56,9 +55,13 @@ def pool_context() -> BaseContext:
         return multiprocessing.get_context("spawn")
     from multiprocessing import forkserver, resource_tracker
 
-    context = multiprocessing.get_context("forkserver")
-    # Read when the server starts (the first pool of this interpreter), else ignored.
-    context.set_forkserver_preload(["dask_merge.tasks", "dask.local", __name__])
+    context = _PoolContext()
+    # Read when the server starts (the first pool of this interpreter), else
+    # ignored.  Added to what the parent preloads itself, but for its script
+    # (Python 3.13 on would run it in the server, and so in every worker).
+    ours = ["dask_merge.tasks", "dask.local", __name__]  # this one last: it ends the preload
+    theirs = getattr(forkserver._forkserver, "_preload_modules", [])
+    context.set_forkserver_preload([m for m in theirs if m not in ours and m != "__main__"] + ours)
     # The server's ensure_running starts the resource tracker first, if it is
     # not up, and lets SIGINT in again after that: start it before.
     resource_tracker.ensure_running()
@@ -67,17 +70,34 @@ def pool_context() -> BaseContext:
     return context
 
 
+class PoolProcess(ForkServerProcess):
+    """A worker of our pool: named so that the fork server's stand-in ``__main__`` knows it."""
+
+    PREFIX = "dask-merge-worker"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.name = f"{self.PREFIX}-{self.name}"
+
+
+class _PoolContext(ForkServerContext):
+    Process = PoolProcess
+
+
 @contextlib.contextmanager
 def _ctrl_c_held() -> Iterator[bool]:
-    """Within this block SIGINT waits, here and in a process started from here.
+    """Within this block SIGINT waits in this thread and in a process started from it.
 
     The fork server ignores Ctrl-C once it has imported its preload.  A
     Ctrl-C before that (a terminal sends it to the whole process group)
     killed it, and the run failed with EOFError instead of stopping cleanly.
     Started with SIGINT blocked, the server holds it until the end of its
-    preload and drops it there (:func:`_release_ctrl_c`).  Here it is
-    delivered as the block ends, a few milliseconds later: no Ctrl-C is
-    lost.  Yields whether it blocked SIGINT (False if it was blocked already).
+    preload and drops it there (:func:`_release_ctrl_c`).  This thread gets
+    it as the block ends, a few milliseconds later: no Ctrl-C is lost.
+    Another thread of this process may take it meanwhile, and then this one
+    raises KeyboardInterrupt inside the block, before the server has
+    started or after: it is started again by the next pool, none is lost.
+    Yields whether it blocked SIGINT (False if it was blocked already).
     """
     before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
@@ -110,45 +130,46 @@ def parent_main_announced(*, release_ctrl_c: bool = False) -> Iterator[None]:
         os.environ.pop(_ENVIRON, None)
 
 
+class _StandIn(types.ModuleType):
+    """``__main__`` in the fork server: our workers' empty stand-in for the parent's script.
+
+    Shows the script's path or module name to a process named as our pool's
+    workers only, when multiprocessing prepares it (after naming it).
+    """
+
+    def __init__(self, path: str | None, name: str | None) -> None:
+        super().__init__("__mp_main__")
+        self._parent_main = path, name
+
+    @property
+    def __file__(self) -> str:
+        path, _ = self._parent_main
+        if path is None or not _in_our_worker():
+            raise AttributeError("__file__")
+        return path
+
+    @property
+    def __spec__(self):
+        _, name = self._parent_main
+        if name is None or not _in_our_worker():
+            return None
+        return importlib.machinery.ModuleSpec(name, None)
+
+
+def _in_our_worker() -> bool:
+    return multiprocessing.current_process().name.startswith(PoolProcess.PREFIX)
+
+
 def stand_in(*, init_main_from_path: str | None = None,
              init_main_from_name: str | None = None) -> types.ModuleType:
-    """Put a module that passes for the parent's script under ``__main__``.
+    """Put the stand-in for the parent's script under ``__main__``.
 
     Only ever in the fork server: the keyword arguments are those of
-    :func:`multiprocessing.spawn.get_preparation_data` in the parent.  The
-    module is empty until a name is looked up in it: then it runs the
-    script as ``__mp_main__``, as multiprocessing would have done at start.
+    :func:`multiprocessing.spawn.get_preparation_data` in the parent.
     """
-    main = types.ModuleType("__mp_main__")
-    if init_main_from_path is not None:
-        main.__file__ = init_main_from_path
-    if init_main_from_name is not None:
-        main.__spec__ = importlib.machinery.ModuleSpec(init_main_from_name, None)
-
-    def __getattr__(name: str):  # PEP 562: looked up when a name is missing
-        # Dunder look-ups are a library probing, not a pickled function.
-        runnable = not (name.startswith("__") and name.endswith("__"))
-        if runnable and main.__dict__.pop("__getattr__", None) is not None:  # once
-            main.__dict__.update(_run_script(init_main_from_path, init_main_from_name))
-            if name in main.__dict__:
-                return main.__dict__[name]
-        raise AttributeError(f"module '__main__' has no attribute {name!r}")
-
-    main.__getattr__ = __getattr__
+    main = _StandIn(init_main_from_path, init_main_from_name)
     sys.modules["__main__"] = sys.modules["__mp_main__"] = main
     return main
-
-
-def _run_script(path: str | None, name: str | None) -> dict:
-    """The namespace of the parent's script run as ``__mp_main__``, as multiprocessing runs it."""
-    if name is not None:
-        # multiprocessing never runs a package's __main__ again (spawn._fixup_main_from_name).
-        if name == "__main__" or name.endswith(".__main__"):
-            return {}
-        return runpy.run_module(name, run_name="__mp_main__", alter_sys=True)
-    if path is None or os.path.splitext(os.path.basename(path))[0] == "ipython":
-        return {}  # multiprocessing leaves IPython's alone, too
-    return runpy.run_path(path, run_name="__mp_main__")
 
 
 if _ENVIRON in os.environ:  # in the fork server, at the end of its preload; never in the parent

@@ -141,9 +141,10 @@ def _interrupted(nucleotide_dir, protein_dir, output_dir, label, started) -> Non
 
         after = plan(nucleotide_dir, protein_dir, output_dir, label=label)
         done = f"{len(after.done)} pairs are done, {len(after.pending)} left. "
-    except (ValueError, OSError, ImportError, KeyboardInterrupt) as err:
-        # A folder gone (ConfigurationError is a ValueError), the engine's import
-        # cut short by the Ctrl-C, or Ctrl-C again.
+    except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 (only to say what is done)
+        # A folder gone; Ctrl-C again; or the Ctrl-C cut short the import of
+        # the engine or of Dask, whose half-made modules then fail in any way
+        # (AttributeError, NameError, ...).
         done = f"cannot tell what is done ({str(err) or 'interrupted again'}). "
     click.echo(f"\ndask-merge: interrupted after {time.perf_counter() - started:.1f} s; "
                f"{done}Run the same command again to resume.", err=True)

@@ -457,12 +457,16 @@ assert "torch" not in modules and "dask_merge.tasks" in modules, modules
 @pytest.mark.parametrize("how", ["path", "module"])
 def test_the_parents_own_fork_server_pools_still_work(tmp_path, how):
     # The fork server is the interpreter's: a pipeline's own pools of that
-    # start method (Python's default from 3.14 on) fork from it after a run,
-    # and must find the script's functions and Python's Ctrl-C handler there.
+    # start method (Python's default from 3.14 on) fork from it after a run.
+    # Their workers must run the script as multiprocessing always does (its
+    # functions, its top-level set-up) and keep Python's Ctrl-C handler; ours never run it.
     make_dataset(tmp_path / "features", pairs=2, rows=5, nucleotide_width=3, protein_width=4)
     code = f"""
-import multiprocessing, signal
+import multiprocessing, os, signal
 import dask_merge
+
+with open({str(tmp_path / "ran")!r}, "a") as f:
+    f.write(f"{{os.getpid()}}\\n")
 
 def square(x):
     return x * x
@@ -472,9 +476,16 @@ def ctrl_c_as_usual(_):
     return signal.getsignal(signal.SIGINT) is signal.default_int_handler and not blocked
 
 if __name__ == "__main__":
+    multiprocessing.set_forkserver_preload(["xml.dom.minidom"])  # added to, not replaced
     report = dask_merge.run({str(tmp_path / "features")!r}, output_dir={str(tmp_path / "out")!r},
                             scheduler="processes", workers=2, progress=False)
     assert report.counts["merged"] == 2, report.summary()
+    with multiprocessing.get_context("forkserver").Pool(2) as pool:  # using no name of the script
+        workers = {{str(pool.apply(os.getpid)) for _ in range(8)}}
+        assert pool.apply(eval, ("'xml.dom.minidom' in __import__('sys').modules",))
+    ran = open({str(tmp_path / "ran")!r}).read().split()
+    # The parent, then each of the pool's two workers; none of dask_merge's.
+    assert ran[0] == str(os.getpid()) and len(ran) == 3 and workers <= set(ran[1:]), ran
     with multiprocessing.get_context("forkserver").Pool(2) as pool:
         assert pool.map(square, [1, 2, 3]) == [1, 4, 9]
         assert pool.map(ctrl_c_as_usual, [0, 1]) == [True, True]
