@@ -423,6 +423,24 @@ def test_run_starts_the_pool_before_planning(tmp_path, scheduler, started):
     assert done.returncode == 0, done.stderr
 
 
+def _run_pipeline(tmp_path, how: str, code: str) -> list[str]:
+    """Run ``code`` as a script (``how``: a path, or a module with ``-m``) in tmp_path.
+
+    The script first appends its process id to ``ran``, in every process
+    that runs it; returns those ids.
+    """
+    record = f"""import os
+with open({str(tmp_path / "ran")!r}, "a") as f:
+    f.write(f"{{os.getpid()}}\\n")
+"""
+    (tmp_path / "pipeline.py").write_text(record + code)
+    command = [sys.executable, *(["pipeline.py"] if how == "path" else ["-m", "pipeline"])]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    return (tmp_path / "ran").read_text().split()
+
+
 @pytest.mark.parametrize("how", ["path", "module"])
 def test_pool_workers_never_run_the_parents_script(tmp_path, how):
     # A pipeline script imports torch, has side effects and, written in a
@@ -431,13 +449,10 @@ def test_pool_workers_never_run_the_parents_script(tmp_path, how):
     # torch each and start the run again inside themselves.
     make_dataset(tmp_path / "features", pairs=3, rows=5, nucleotide_width=3, protein_width=4)
     code = f"""
-import os, sys
 import torch
 import dask_merge
 from dask_merge.engine import _start_pool
 
-with open({str(tmp_path / "ran")!r}, "a") as f:
-    f.write(f"{{os.getpid()}}\\n")
 report = dask_merge.run({str(tmp_path / "features")!r}, output_dir={str(tmp_path / "out")!r},
                         scheduler="processes", workers=2, progress=False)
 assert report.counts["merged"] == 3, report.summary()
@@ -446,11 +461,7 @@ modules = pool.submit(eval, "sorted(__import__('sys').modules)").result(timeout=
 pool.shutdown()
 assert "torch" not in modules and "dask_merge.tasks" in modules, modules
 """
-    (tmp_path / "pipeline.py").write_text(code)
-    command = [sys.executable, *(["pipeline.py"] if how == "path" else ["-m", "pipeline"])]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    ran = (tmp_path / "ran").read_text().split()
+    ran = _run_pipeline(tmp_path, how, code)
     assert len(ran) == 1, f"the script ran in {len(ran)} processes"
 
 
@@ -462,11 +473,8 @@ def test_the_parents_own_fork_server_pools_still_work(tmp_path, how):
     # functions, its top-level set-up) and keep Python's Ctrl-C handler; ours never run it.
     make_dataset(tmp_path / "features", pairs=2, rows=5, nucleotide_width=3, protein_width=4)
     code = f"""
-import multiprocessing, os, signal
+import multiprocessing, signal
 import dask_merge
-
-with open({str(tmp_path / "ran")!r}, "a") as f:
-    f.write(f"{{os.getpid()}}\\n")
 
 def square(x):
     return x * x
@@ -490,11 +498,7 @@ if __name__ == "__main__":
         assert pool.map(square, [1, 2, 3]) == [1, 4, 9]
         assert pool.map(ctrl_c_as_usual, [0, 1]) == [True, True]
 """
-    (tmp_path / "pipeline.py").write_text(code)
-    command = [sys.executable, *(["pipeline.py"] if how == "path" else ["-m", "pipeline"])]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert done.returncode == 0, done.stderr
+    _run_pipeline(tmp_path, how, code)
 
 
 def test_pool_workers_import_neither_distributed_nor_torch(tmp_path):
