@@ -258,7 +258,7 @@ class Plan:
         pending, done = self._still_pending()
         skipped = [Record(p.name, "skipped", reason=c.reason, output=p.output) for p, c in done]
         start = time.perf_counter()
-        given = client is not None or bool(scheduler_file)  # a cluster, whatever `scheduler` says
+        given = _on_a_cluster(client, scheduler_file)
         local = not given and scheduler in LOCAL_SCHEDULERS
         if pending and local and scheduler == "processes":
             pool_context()  # the workers' imports, meanwhile
@@ -397,12 +397,17 @@ def run(
     given.apply_defaults()
     options = given.arguments
     _check_options(**{k: v for k, v in options.items() if k != "self"})
-    on_a_cluster = options["client"] is not None or options["scheduler_file"]
-    if options["scheduler"] == "processes" and not on_a_cluster:
+    if options["scheduler"] == "processes" and not _on_a_cluster(options["client"],
+                                                                 options["scheduler_file"]):
         pool_context()  # the pool's imports, while this process plans
     return plan(nucleotide_dir, protein_dir, output_dir, label=label, force=force).execute(
         **execute_options
     )
+
+
+def _on_a_cluster(client, scheduler_file: str | None) -> bool:
+    """Whether a run goes to an existing cluster, whatever its ``scheduler`` says."""
+    return client is not None or bool(scheduler_file)
 
 
 def _check_options(scheduler, client, scheduler_file, *, workers, retries, partition_size,
