@@ -5,7 +5,7 @@
     python benchmarks/bench.py --quick          # 2 repetitions, smaller sets
     python benchmarks/bench.py --only kernel    # or scaling, overhead
     python benchmarks/bench.py --profile        # cProfile of merge_pair on the big pair
-    python benchmarks/bench.py --pool benchmarks/results/*.json  # paired ratios, pooled
+    python benchmarks/bench.py --pool FILE...    # paired ratios of results/*.json, pooled
     python benchmarks/bench.py --pool ... --plot ratios.png      # and a plot of them
 
 Three parts, each variant run in a fresh subprocess (so its peak RSS is its
