@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -10,19 +11,26 @@ import pytest
 from dask_merge.testing import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(
-    os.environ.get("DASK_MERGE_FIXTURES", REPO.parent / "shared" / "fixtures" / "virnucpro-reference")
-)
+FIXTURES = REPO / "tests" / "data"  # real upstream files; see its README for their source
 REFERENCE_SETS = ["test_with_orfs", "test_fixed_500bp"]
+
+
+def _recorded_sums() -> dict[str, str]:
+    """The SHA-256 sums that tests/data/README.md records, by relative path."""
+    text = (FIXTURES / "README.md").read_text()
+    return dict((path, digest) for digest, path in re.findall(r"^([0-9a-f]{64})  (\S+)$", text, re.M))
 
 
 @pytest.fixture(params=REFERENCE_SETS)
 def reference_set(request) -> Path:
-    """A folder with a real upstream pair and its merged output (output_1_*)."""
+    """A folder with a real upstream pair and its merged output (output_1_*), checked intact."""
     folder = FIXTURES / request.param
-    assert (folder / "output_1_merged.pt").is_file(), (
-        f"the golden fixtures are missing at {folder}; set DASK_MERGE_FIXTURES"
-    )
+    sums = {path: digest for path, digest in _recorded_sums().items()
+            if path.startswith(request.param + "/")}
+    assert len(sums) == 3, f"tests/data/README.md records {len(sums)} sums for {request.param}"
+    for path, digest in sums.items():
+        assert hashlib.sha256((FIXTURES / path).read_bytes()).hexdigest() == digest, (
+            f"tests/data/{path} differs from the upstream file recorded in tests/data/README.md")
     return folder
 
 
