@@ -8,6 +8,7 @@ when interrupted.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import time
@@ -40,8 +41,23 @@ def _exits_130_on_ctrl_c(command):
             command(**options)
         except KeyboardInterrupt:
             _interrupted(options["nucleotide_dir"], options["protein_dir"], options["output_dir"],
-                         options["label"], started)
+                         options["label"], started, forced=options["force"])
     return wrapper
+
+
+class _FoldersAsOptions(click.Command):
+    """``run``: say that folders are options when they are given as arguments."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        takes_value = {o for p in self.params if isinstance(p, click.Option) and not p.is_flag
+                       for o in p.opts}
+        stray = [a for before, a in zip([None, *args], args)
+                 if not a.startswith("-") and before not in takes_value]
+        if stray and "--help" not in args and "-h" not in args:
+            raise click.UsageError(
+                f"folders are given as options, not as arguments ({' '.join(stray)}): "
+                "dask-merge run --nucleotide-dir DIR [--protein-dir DIR] --output-dir DIR", ctx)
+        return super().parse_args(ctx, args)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,7 +66,7 @@ def main() -> None:
     """Merge VirNucPro DNABERT-S and ESM-2 feature files (Stage 7) with Dask."""
 
 
-@main.command("run")
+@main.command("run", cls=_FoldersAsOptions)
 @click.option("--nucleotide-dir", required=True, type=click.Path(file_okay=False),
               help="Folder of STEM_DNABERT_S.pt files.")
 @click.option("--protein-dir", type=click.Path(file_okay=False),
@@ -67,19 +83,22 @@ def main() -> None:
 @click.option("--label", help="Training label stored in each output: viral | host | INT.")
 @click.option("--force", is_flag=True, help="Merge every pair again, checkpointed or not.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; merge nothing.")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False),
-              help="Write the JSON report here.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Write the JSON report here ('-': to stdout, and the summary to stderr).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (for scripts and CI logs).")
 @click.option("--retries", default=1, show_default=True, type=click.IntRange(min=0),
-              help="Tries more for a pair whose worker died.")
+              help="Extra tries for a pair whose worker died.")
 @click.option("--partition-size", type=click.IntRange(min=1),
               help="Pairs per task [default: chosen from the pair sizes].")
 @click.option("--performance-report", type=click.Path(dir_okay=False),
               help="On a cluster: write Dask's HTML performance report here.")
+@click.option("--max-dropped", type=click.FloatRange(0, 1), metavar="SHARE",
+              help="Fail a pair (writing nothing) when more than this share of a file's ids "
+                   "has no partner [default: merge, and warn above 0.1].")
 @_exits_130_on_ctrl_c
 def run_command(nucleotide_dir, protein_dir, output_dir, scheduler, scheduler_file, workers,
                 dashboard_address, label, force, dry_run, report_path, no_progress, retries,
-                partition_size, performance_report) -> None:
+                partition_size, performance_report, max_dropped) -> None:
     """Merge every pair of NUCLEOTIDE-DIR / PROTEIN-DIR into OUTPUT-DIR."""
     if scheduler == "processes" and not scheduler_file and not dry_run:
         _start_pool_early()
@@ -93,11 +112,12 @@ def run_command(nucleotide_dir, protein_dir, output_dir, scheduler, scheduler_fi
     if performance_report and scheduler in ("processes", "threads", "sync") and not scheduler_file:
         _fail("--performance-report needs a cluster: --scheduler local, an address or --scheduler-file")
     for path in (report_path, performance_report):  # known before the work, not after it
-        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        folder = os.path.dirname(os.path.abspath(path)) if path and path != "-" else None
         if folder and not os.path.isdir(folder):
             _fail(f"cannot write {path}: folder {folder} does not exist")
     try:
-        the_plan = plan(nucleotide_dir, protein_dir, output_dir, label=label, force=force)
+        the_plan = plan(nucleotide_dir, protein_dir, output_dir, label=label, force=force,
+                        max_dropped=max_dropped)
     except ConfigurationError as err:
         _fail(str(err))
     _print_plan(the_plan, verbose=dry_run)
@@ -123,6 +143,7 @@ def _start_pool_early() -> None:
 
 
 def _print_plan(the_plan, *, verbose: bool) -> None:
+    # The plan's counts are progress (stderr); a dry run's listing is its result (stdout).
     click.echo(f"dask-merge: {len(the_plan.pending)} pairs to merge, {len(the_plan.done)} "
                f"checkpointed, {len(the_plan.unpaired)} files without a partner", err=True)
     if verbose:
@@ -134,38 +155,50 @@ def _print_plan(the_plan, *, verbose: bool) -> None:
             click.echo(f"no partner    {path}")
 
 
-def _interrupted(nucleotide_dir, protein_dir, output_dir, label, started) -> None:
+def _interrupted(nucleotide_dir, protein_dir, output_dir, label, started, *, forced: bool) -> None:
     # Workers are stopped and temporaries removed by the engine; tell what is done.
+    again = "Run the same command again to resume."
     try:
         from .engine import plan  # Ctrl-C may have broken off its import
 
         after = plan(nucleotide_dir, protein_dir, output_dir, label=label)
-        done = f"{len(after.done)} pairs are done, {len(after.pending)} left. "
+        if forced:  # the same command would merge every pair again
+            done = (f"{len(after.done)} pairs have an up-to-date output (this run's or older), "
+                    f"{len(after.pending)} do not. ")
+            again = "Run the command again without --force to merge only those."
+        else:
+            done = f"{len(after.done)} pairs are done, {len(after.pending)} left. "
     except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 (only to say what is done)
         # A folder gone; Ctrl-C again; or the Ctrl-C cut short the import of
         # the engine or of Dask, whose half-made modules then fail in any way
         # (AttributeError, NameError, ...).
         done = f"cannot tell what is done ({str(err) or 'interrupted again'}). "
     click.echo(f"\ndask-merge: interrupted after {time.perf_counter() - started:.1f} s; "
-               f"{done}Run the same command again to resume.", err=True)
+               f"{done}{again}", err=True)
     sys.exit(EXIT_INTERRUPTED)
 
 
 def _finish(report: Report, output_dir: str, report_path: str | None) -> None:
+    """Write the report, print the summary (stdout) and warnings (stderr), exit."""
     from .errors import MergeError
 
     code = 0 if report.ok else EXIT_FAILED
     written = None
-    if report_path:
+    to_stdout = report_path == "-"
+    if to_stdout:  # the JSON is the result: the summary steps aside to stderr
+        click.echo(json.dumps(report.to_dict(), indent=1))
+    elif report_path:
         try:
             report.to_json(report_path)
             written = report_path
         except MergeError as err:  # the folder went, the disk is full, ...
             click.echo(f"dask-merge: error: the report was not written: {err}", err=True)
             code = EXIT_FAILED
-    click.echo(report.summary(), err=True)
+    for warning in report.warnings():
+        click.echo(f"dask-merge: {warning}", err=True)
+    click.echo(report.summary(), err=to_stdout)
     click.echo(f"outputs in {os.path.abspath(output_dir)}"
-               + (f"; report in {written}" if written else ""), err=True)
+               + (f"; report in {written}" if written else ""), err=to_stdout)
     sys.exit(code)
 
 
@@ -213,10 +246,10 @@ def demo(folder, pairs, rows) -> None:
     _print_plan(the_plan, verbose=False)
     report = the_plan.execute("processes")
     report.to_json(str(Path(folder) / "report.json"))
-    click.echo(report.summary(), err=True)
+    click.echo(report.summary())
     click.echo(
         f"\nInputs in {inputs}/, merged files in {outputs}/, the JSON report in "
         f"{Path(folder) / 'report.json'}.\nRun the demo again: every pair is skipped "
         "(checkpointed). Try also: dask-merge run --scheduler local "
-        f"--nucleotide-dir {inputs} --output-dir {outputs} --force", err=True)
+        f"--nucleotide-dir {inputs} --output-dir {outputs} --force")
     sys.exit(0 if report.ok else EXIT_FAILED)

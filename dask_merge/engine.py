@@ -33,14 +33,18 @@ writes its own output.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import html
 import inspect
 import json
+import logging
 import math
 import numbers
 import os
 import sys
 import time
+import urllib.parse
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -55,7 +59,11 @@ from dask.base import tokenize
 from dask.utils import parse_timedelta
 
 from ._worker_main import pool_context
-from .formats import atomic_write, label_value, remove_stale_temporaries
+from .formats import (
+    MERGED_SUFFIX, NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX, atomic_write, label_value,
+    remove_stale_temporaries,
+)
+from .merge import check_max_dropped
 from .plan import RECORD_FOLDER, Checkpoint, Pair, checkpoint_state, find_pairs
 from .tasks import (  # noqa: F401 (merge_one)
     Record, crashed, keep_read_buffers, merge_one, merge_pairs, pool_worker,
@@ -72,6 +80,7 @@ TASK_NAME = "merge-pair"  # what tasks are called on the dashboard
 HTML_ROWS = 200  # rows of a plan or report shown in a notebook
 TARGET_PARTITION_BYTES = 32 * 2**20  # batch tiny pairs up to about this much input
 CONNECT_TIMEOUT = "5s"
+DROP_WARNING = 0.1  # see Report.warnings
 
 
 class ConfigurationError(ValueError):
@@ -128,13 +137,18 @@ class Report:
         atomic_write(path, lambda f: f.write(text.encode()), durable=False)
 
     def summary(self, errors: int = 5) -> str:
-        """A few lines for a terminal."""
+        """A few lines for a terminal: counts, ids dropped on each side, failures."""
         counts = self.counts
-        rows = sum(r.rows or 0 for r in self.records if r.status == "merged")
+        merged = [r for r in self.records if r.status == "merged"]
+        rows = sum(r.rows or 0 for r in merged)
         lines = [
             f"merged {counts['merged']}, skipped {counts['skipped']}, failed {counts['failed']} "
             f"pairs; {rows:,} rows written in {self.seconds:.1f} s ({self.scheduler})"
         ]
+        if merged:
+            lines.append("ids dropped: " + "; ".join(
+                _dropped(merged, side, partner)
+                for side, partner in (("nucleotide", "protein"), ("protein", "nucleotide"))))
         if self.unpaired:
             lines.append(f"{len(self.unpaired)} files without a partner, e.g. {self.unpaired[0]}")
         for record in self.failures[:errors]:
@@ -142,6 +156,25 @@ class Report:
         if len(self.failures) > errors:
             lines.append(f"  ... and {len(self.failures) - errors} more failures")
         return "\n".join(lines)
+
+    def warnings(self, share: float = DROP_WARNING) -> list[str]:
+        """Lines about merged pairs that dropped more than ``share`` of a file's ids.
+
+        Real chunks drop few: every protein comes from one of the chunk's
+        sequences, and only sequences without an ORF lose their protein
+        vector (the upstream test data drop none).  A larger share means two
+        files of different runs or chunks, e.g. a wrong ``--protein-dir``.
+        """
+        lines = []
+        for side, partner in (("nucleotide", "protein"), ("protein", "nucleotide")):
+            over = [r for r in self.records if r.status == "merged" and _share(r, side) > share]
+            if over:
+                worst = max(over, key=lambda r: _share(r, side))
+                lines.append(
+                    f"WARNING: {len(over)} merged pairs drop more than {share:.0%} of their {side} "
+                    f"ids (worst: {worst.name}, {_dropped_of(worst, side)} without a {partner} "
+                    f"vector): are the folders of one run? (max_dropped, --max-dropped, makes such pairs fail)")
+        return lines
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
@@ -156,6 +189,31 @@ class Report:
         return _html_table(
             f"<b>dask_merge report</b>: {counts} in {self.seconds:.1f} s on {_html(self.scheduler)}",
             ("pair", "status", "rows", "dropped", "seconds", "error"), rows)
+
+
+def _dropped_count(record: Record, side: str) -> int:
+    return getattr(record, f"{side}_only") or 0
+
+
+def _share(record: Record, side: str) -> float:
+    """The share of ``side``'s ids that a merged pair dropped."""
+    dropped = _dropped_count(record, side)
+    return dropped / ((record.rows or 0) + dropped or 1)
+
+
+def _dropped_of(record: Record, side: str) -> str:
+    dropped = _dropped_count(record, side)
+    return f"{dropped:,} of {(record.rows or 0) + dropped:,}"
+
+
+def _dropped(merged: list[Record], side: str, partner: str) -> str:
+    """``side``'s ids dropped in all, and the pair that dropped the largest share."""
+    total = sum(_dropped_count(r, side) for r in merged)
+    if not total:
+        return f"no {side} id without a {partner} vector"
+    worst = max(merged, key=lambda r: _share(r, side))
+    return (f"{total:,} {side} ids without a {partner} vector "
+            f"(worst: {worst.name}, {_dropped_of(worst, side)})")
 
 
 def _html(value: object) -> str:
@@ -202,6 +260,12 @@ class Plan:
     labels: list[int] | None
     output_dir: str
     force: bool = False
+    max_dropped: float | None = None
+
+    @property
+    def _merge_args(self) -> tuple:
+        """What each task passes to :func:`~dask_merge.tasks.merge_pairs` after its pairs."""
+        return self.labels, self.max_dropped
 
     def execute(
         self,
@@ -276,20 +340,22 @@ class Plan:
                                          dashboard_address, retries) as active:
                     dashboard = active.dashboard_link
                     if dashboard:  # with or without progress bars: where to watch the run
-                        print(f"dask-merge: dashboard at {dashboard}", file=sys.stderr)
+                        print(f"dask-merge: dashboard at {dashboard}"
+                              f"{_port_note(dashboard, scheduler, dashboard_address)}",
+                              file=sys.stderr)
                     # Batches for the threads the cluster has, not for this machine's cores.
                     threads = _cluster_threads(active) or workers
                     partitions = _partitions(pending, partition_size, threads)
-                    records = _run_distributed(active, partitions, self.labels, retries=retries,
+                    records = _run_distributed(active, partitions, self._merge_args, retries=retries,
                                                progress=progress,
                                                performance_report=performance_report)
             else:
                 partitions = _partitions(pending, partition_size, workers)
                 if scheduler == "processes":
-                    records = _run_processes(partitions, self.labels, workers=workers,
+                    records = _run_processes(partitions, self._merge_args, workers=workers,
                                              retries=retries, progress=progress)
                 else:
-                    records = _run_local(partitions, self.labels, scheduler, workers, progress)
+                    records = _run_local(partitions, self._merge_args, scheduler, workers, progress)
         except KeyboardInterrupt:
             # The pool or cluster is down by now; what its workers were
             # writing is unlocked and can go at once.
@@ -334,28 +400,30 @@ def plan(
     *,
     label: str | int | None = None,
     force: bool = False,
+    max_dropped: float | None = None,
 ) -> Plan:
     """Find the pairs and which of them are already merged.
+
+    ``label`` and ``max_dropped`` are those of :func:`~dask_merge.merge_pair`.
 
     Raises
     ------
     ConfigurationError
         A missing folder, an output folder that cannot be written, no pairs,
-        a bad label.
+        a bad label or ``max_dropped``.
     """
     if type(force) is not bool:
         raise ConfigurationError(f"force must be True or False, not {force!r}")
     try:
+        check_max_dropped(max_dropped)
         labels = label_value(label)
         found = find_pairs(nucleotide_dir, protein_dir, output_dir)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigurationError(str(err)) from None
     output_dir = os.fspath(output_dir if output_dir is not None else nucleotide_dir)
     if not found.pairs:
-        raise ConfigurationError(
-            f"no pairs found: no STEM_DNABERT_S.pt in {os.fspath(nucleotide_dir)} "
-            f"has a STEM_ESM.pt partner in {os.fspath(protein_dir or nucleotide_dir)}"
-        )
+        raise ConfigurationError(_no_pairs(os.fspath(nucleotide_dir),
+                                           os.fspath(protein_dir or nucleotide_dir)))
     try:
         os.makedirs(output_dir, exist_ok=True)
     except OSError as err:
@@ -366,7 +434,28 @@ def plan(
     if os.path.lexists(records) and not os.path.isdir(records):
         raise ConfigurationError(f"{records} is not a folder: the checkpoint records go there")
     pending, done = _by_checkpoint(found.pairs, labels, force=force)
-    return Plan(pending, done, found.unpaired, labels, output_dir, force)
+    return Plan(pending, done, found.unpaired, labels, output_dir, force, max_dropped)
+
+
+def _no_pairs(nucleotide_dir: str, protein_dir: str) -> str:
+    """Why no pair was found, with what each folder holds instead."""
+    def holds(folder: str) -> str:
+        counts = {suffix: sum(1 for name in os.listdir(folder) if name.endswith(suffix)
+                              and not name.startswith("."))
+                  for suffix in (NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX, MERGED_SUFFIX)}
+        return f"{folder} holds " + ", ".join(f"{n} STEM{suffix}" for suffix, n in counts.items())
+
+    where = [holds(nucleotide_dir)] + ([holds(protein_dir)] if protein_dir != nucleotide_dir else [])
+    hint = ""
+    if (protein_dir != nucleotide_dir and not _has(nucleotide_dir, NUCLEOTIDE_SUFFIX)
+            and _has(nucleotide_dir, PROTEIN_SUFFIX) and _has(protein_dir, NUCLEOTIDE_SUFFIX)):
+        hint = "; were --nucleotide-dir and --protein-dir swapped?"
+    return (f"no pairs found: no STEM{NUCLEOTIDE_SUFFIX} in {nucleotide_dir} has a "
+            f"STEM{PROTEIN_SUFFIX} partner in {protein_dir} ({'; '.join(where)}){hint}")
+
+
+def _has(folder: str, suffix: str) -> bool:
+    return any(n.endswith(suffix) and not n.startswith(".") for n in os.listdir(folder))
 
 
 def _by_checkpoint(pairs: list[Pair], labels: list[int] | None, *, force: bool = False
@@ -389,18 +478,25 @@ def run(
     *,
     label: str | int | None = None,
     force: bool = False,
+    max_dropped: float | None = None,
     **execute_options,
 ) -> Report:
     """Plan and execute in one call: ``plan(...).execute(**execute_options)``."""
     # Unknown options and bad values fail before planning creates the output folder.
-    given = inspect.signature(Plan.execute).bind(None, **execute_options)
+    accepted = inspect.signature(Plan.execute)
+    for name in execute_options.keys() - accepted.parameters.keys():
+        close = difflib.get_close_matches(name, [*accepted.parameters, "label", "force", "max_dropped"], 1)
+        raise TypeError(f"run() got an unexpected option {name!r}"
+                        + (f"; did you mean {close[0]!r}?" if close else ""))
+    given = accepted.bind(None, **execute_options)
     given.apply_defaults()
     options = given.arguments
     _check_options(**{k: v for k, v in options.items() if k != "self"})
     if options["scheduler"] == "processes" and not _on_a_cluster(options["client"],
                                                                  options["scheduler_file"]):
         pool_context()  # the pool's imports, while this process plans
-    return plan(nucleotide_dir, protein_dir, output_dir, label=label, force=force).execute(
+    return plan(nucleotide_dir, protein_dir, output_dir, label=label, force=force,
+                max_dropped=max_dropped).execute(
         **execute_options
     )
 
@@ -481,8 +577,8 @@ def _input_bytes(pair: Pair) -> int:
     return 0
 
 
-def _bag(partitions: list[list[Pair]], labels: list[int] | None) -> db.Bag:
-    """A bag with one task per partition, :func:`merge_pairs` of its pairs.
+def _bag(partitions: list[list[Pair]], merge_args: tuple) -> db.Bag:
+    """A bag with one task per partition, :func:`merge_pairs` of its pairs and ``merge_args``.
 
     The pairs are the tasks' arguments, not keys of their own: the dashboard
     and the progress widget count ``merge-pair`` tasks only.
@@ -493,8 +589,8 @@ def _bag(partitions: list[list[Pair]], labels: list[int] | None) -> db.Bag:
     # Named after the outputs and the cut, hashed as one string: tokenizing
     # the nested tuples costs 30 ms per 2,000 pairs.
     outputs = "\n".join(pair.output for part in partitions for pair in part)
-    name = f"{TASK_NAME}-{tokenize(outputs, [len(b) for b in batches], labels)}"
-    graph = {(name, i): (merge_pairs, batch, labels) for i, batch in enumerate(batches)}
+    name = f"{TASK_NAME}-{tokenize(outputs, [len(b) for b in batches], merge_args)}"
+    graph = {(name, i): (merge_pairs, batch, *merge_args) for i, batch in enumerate(batches)}
     return db.Bag(graph, name, len(partitions))
 
 
@@ -504,17 +600,17 @@ def _bag(partitions: list[list[Pair]], labels: list[int] | None) -> db.Bag:
 def _progress_bar(progress: bool):
     from dask.diagnostics import ProgressBar
 
-    return ProgressBar(minimum=0.5) if progress else contextlib.nullcontext()
+    return ProgressBar(out=sys.stderr) if progress else contextlib.nullcontext()
 
 
-def _run_local(partitions, labels, scheduler: str, workers: int, progress: bool) -> list[Record]:
+def _run_local(partitions, merge_args, scheduler: str, workers: int, progress: bool) -> list[Record]:
     with _progress_bar(progress):
-        parts = _bag(partitions, labels).to_delayed()
+        parts = _bag(partitions, merge_args).to_delayed()
         results = dask.compute(*parts, scheduler=LOCAL_SCHEDULERS[scheduler], num_workers=workers)
     return [record for part in results for record in part]
 
 
-def _run_processes(partitions, labels, *, workers: int, retries: int, progress: bool) -> list[Record]:
+def _run_processes(partitions, merge_args, *, workers: int, retries: int, progress: bool) -> list[Record]:
     """Run on a process pool and survive workers that die.
 
     A dead child breaks the whole pool (``BrokenProcessPool``).  The tasks
@@ -526,18 +622,18 @@ def _run_processes(partitions, labels, *, workers: int, retries: int, progress: 
     records: list[Record] = []
     remaining = list(partitions)
     while remaining:
-        finished, running, broken = _compute_in_pool(remaining, labels, workers, progress)
+        finished, running, broken = _compute_in_pool(remaining, merge_args, workers, progress)
         records += [r for part in finished.values() for r in part]
         if not broken:
             break
         records += _isolate(
-            [remaining[i] for i in sorted(running)], labels, retries, progress
+            [remaining[i] for i in sorted(running)], merge_args, retries, progress
         )
         remaining = [p for i, p in enumerate(remaining) if i not in finished and i not in running]
     return records
 
 
-def _isolate(suspects, labels, retries: int, progress: bool) -> list[Record]:
+def _isolate(suspects, merge_args, retries: int, progress: bool) -> list[Record]:
     records = []
     pairs = [pair for part in suspects for pair in part]
     # Each died once already, when the pool broke: a lone suspect surely, so
@@ -546,7 +642,7 @@ def _isolate(suspects, labels, retries: int, progress: bool) -> list[Record]:
     tries = retries if len(pairs) == 1 else max(retries, 1)
     for pair in pairs:
         for attempt in range(tries):
-            finished, _, broken = _compute_in_pool([[pair]], labels, 1, progress)
+            finished, _, broken = _compute_in_pool([[pair]], merge_args, 1, progress)
             if not broken:
                 records += finished[0]
                 break
@@ -569,7 +665,7 @@ def _start_pool(workers: int) -> ProcessPoolExecutor:
                                initializer=pool_worker, initargs=(threads,))
 
 
-def _compute_in_pool(partitions, labels, workers: int, progress: bool):
+def _compute_in_pool(partitions, merge_args, workers: int, progress: bool):
     """Compute the bag on Dask's processes scheduler with a new pool.
 
     Returns (finished, running, broken): ``finished`` maps partition index
@@ -578,7 +674,7 @@ def _compute_in_pool(partitions, labels, workers: int, progress: bool):
     """
     from dask.callbacks import Callback
 
-    bag = _bag(partitions, labels)
+    bag = _bag(partitions, merge_args)
     started: set[int] = set()
     finished: dict[int, list[Record]] = {}
 
@@ -632,7 +728,7 @@ def _distributed_client(scheduler, scheduler_file, client, workers, dashboard_ad
         # pair it runs, never an innocent one queued behind it.
         with dask.config.set({"distributed.scheduler.allowed-failures": retries,
                               "distributed.scheduler.worker-saturation": 1.0}), \
-                LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                _quiet_dashboard(), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                              host="127.0.0.1", dashboard_address=dashboard_address) as cluster, \
                 Client(cluster) as local:
             local.run(keep_read_buffers)  # its workers live for this run only
@@ -649,6 +745,53 @@ def _distributed_client(scheduler, scheduler_file, client, workers, dashboard_ad
         raise ConfigurationError(f"cannot reach a Dask scheduler at {where}: {err}") from None
     with remote:
         yield remote
+
+
+class _DashboardNoise(logging.Filter):
+    """Drop what a LocalCluster's dashboard logs that is no fault of the run.
+
+    "Port 8787 is already in use": the run says itself which port it took
+    (:func:`_port_note`).  A closed websocket or stream: a browser tab that
+    was closed while the dashboard sent it an update.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "is already in use" in record.getMessage():
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        return type(error).__name__ not in ("WebSocketClosedError", "StreamClosedError")
+
+
+@contextlib.contextmanager
+def _quiet_dashboard() -> Iterator[None]:
+    """Within this block, :class:`_DashboardNoise` stays out of the run's output."""
+    noise = _DashboardNoise()
+    loggers = [logging.getLogger(name) for name in ("distributed.node", "tornado.application",
+                                                      "bokeh.server.protocol_handler")]
+    for logger in loggers:
+        logger.addFilter(noise)
+    try:
+        with warnings.catch_warnings():  # distributed warns of a taken port, too
+            warnings.filterwarnings("ignore", "Port .* is already in use", UserWarning)
+            yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(noise)
+
+
+def _port_note(link: str, scheduler: str, wanted: str) -> str:
+    """Say so when a ``local`` cluster's dashboard took another port than the one asked for.
+
+    >>> _port_note("http://127.0.0.1:40123/status", "local", "127.0.0.1:8787")
+    ' (port 8787 was taken)'
+    >>> _port_note("http://127.0.0.1:8787/status", "local", "127.0.0.1:8787")
+    ''
+    """
+    if scheduler != "local":
+        return ""
+    wanted_port = wanted.rpartition(":")[2]
+    port = urllib.parse.urlsplit(link).port
+    return f" (port {wanted_port} was taken)" if wanted_port.isdigit() and port != int(wanted_port) else ""
 
 
 def _wait_for_file(path: str) -> None:
@@ -671,7 +814,7 @@ def _cluster_threads(client) -> int:
     return sum(client.nthreads().values())
 
 
-def _run_distributed(client, partitions, labels, *, retries, progress, performance_report):
+def _run_distributed(client, partitions, merge_args, *, retries, progress, performance_report):
     from distributed import performance_report as dask_report
 
     first = partitions[0][0]
@@ -684,12 +827,12 @@ def _run_distributed(client, partitions, labels, *, retries, progress, performan
         )
     report = dask_report(filename=performance_report) if performance_report else contextlib.nullcontext()
     with report:
-        records, dead = _compute_on_cluster(client, partitions, labels, retries, progress)
+        records, dead = _compute_on_cluster(client, partitions, merge_args, retries, progress)
         # A batch that killed its workers holds a culprit and, as likely,
         # innocent pairs: each of its pairs runs alone, as on the pool.
         alone = [[pair] for part, _ in dead if len(part) > 1 for pair in part]
         if alone:
-            more, dead_alone = _compute_on_cluster(client, alone, labels, retries, progress)
+            more, dead_alone = _compute_on_cluster(client, alone, merge_args, retries, progress)
             records += more
             dead = [(part, why) for part, why in dead if len(part) == 1] + dead_alone
     for part, why in dead:
@@ -697,7 +840,7 @@ def _run_distributed(client, partitions, labels, *, retries, progress, performan
     return records
 
 
-def _compute_on_cluster(client, partitions, labels, retries: int, progress: bool):
+def _compute_on_cluster(client, partitions, merge_args, retries: int, progress: bool):
     """Compute the bag on the cluster.
 
     Returns the records and the partitions whose task killed every worker
@@ -705,7 +848,7 @@ def _compute_on_cluster(client, partitions, labels, retries: int, progress: bool
     """
     from distributed import KilledWorker, as_completed
 
-    futures = client.compute(_bag(partitions, labels).to_delayed(), retries=retries)
+    futures = client.compute(_bag(partitions, merge_args).to_delayed(), retries=retries)
     index = {f.key: i for i, f in enumerate(futures)}
     shown = _show_progress(client, futures) if progress else None
     records: list[Record] = []
@@ -767,5 +910,8 @@ def _show_progress(client, futures) -> _Widget | None:
     if is_kernel() and not client.asynchronous:
         with contextlib.suppress(ImportError):  # no ipywidgets: the text bar
             return _Widget(client, futures)
-    progress(futures, notebook=False, scheduler=client.scheduler.address)
+    # The bar is progress, not a result: stderr.  distributed draws it on
+    # sys.stdout, from its IO loop's thread, while this one waits for it.
+    with contextlib.redirect_stdout(sys.stderr):
+        progress(futures, notebook=False, scheduler=client.scheduler.address)
     return None

@@ -6,6 +6,7 @@ over many pairs, and that a user can call on one pair to debug it.
 
 from __future__ import annotations
 
+import numbers
 import os
 import time
 from collections.abc import Iterator
@@ -52,6 +53,7 @@ def merge_pair(
     output_file: str | os.PathLike[str],
     *,
     label: str | int | None = None,
+    max_dropped: float | None = None,
 ) -> MergeResult:
     """Join two feature files by sequence id and write the merged features.
 
@@ -70,6 +72,11 @@ def merge_pair(
     label
         ``'viral'`` (1), ``'host'`` (0) or an int: stored as ``labels: [n]``
         for training.  ``None`` stores no label (prediction).
+    max_dropped
+        The largest share (0 to 1) of either file's ids that may lack a
+        partner.  Above it the pair fails before anything is written, as a
+        mispaired one does: two files that share only some of their ids come
+        from different runs or chunks.  ``None`` allows any share.
 
     Raises
     ------
@@ -82,6 +89,7 @@ def merge_pair(
     """
     start = time.perf_counter()
     labels = label_value(label)
+    check_max_dropped(max_dropped)
     output_file = os.fspath(output_file)
     for given in (nucleotide_file, protein_file):
         if _same_file(output_file, given):
@@ -107,6 +115,15 @@ def merge_pair(
             f"{protein.path} ({len(protein.ids)} ids, e.g. {_examples(protein.ids)}) "
             "share no sequence id: not a pair"
         )
+    if max_dropped is not None:
+        for side, dropped, other in ((nucleotide, nucleotide_only, protein),
+                                     (protein, protein_only, nucleotide)):
+            if len(dropped) > max_dropped * len(side.ids):
+                raise MispairedError(
+                    f"{side.path}: {len(dropped):,} of its {len(side.ids):,} ids "
+                    f"({len(dropped) / len(side.ids):.0%}, e.g. {_examples(dropped)}) are not in "
+                    f"{other.path}: more than max_dropped={max_dropped} allows"
+                )
 
     width = nucleotide.width
     shape = (len(ids), width + protein.width)
@@ -135,6 +152,18 @@ def merge_pair(
         protein_only_examples=tuple(protein_only[:EXAMPLES]),
         seconds=time.perf_counter() - start,
     )
+
+
+def check_max_dropped(share: float | None) -> None:
+    """Refuse a ``max_dropped`` that is not a share from 0 to 1.
+
+    >>> check_max_dropped(1.5)
+    Traceback (most recent call last):
+    ValueError: max_dropped must be a number from 0 to 1 (or None), not 1.5
+    """
+    if share is not None and not (isinstance(share, numbers.Real) and not isinstance(share, bool)
+                                  and 0 <= share <= 1):
+        raise ValueError(f"max_dropped must be a number from 0 to 1 (or None), not {share!r}")
 
 
 def _examples(ids: list[str], count: int = 3) -> str:

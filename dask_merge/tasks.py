@@ -43,12 +43,13 @@ class Record:
         return asdict(self)
 
 
-def merge_one(pair: Pair, labels: list[int] | None) -> Record:
+def merge_one(pair: Pair, labels: list[int] | None, max_dropped: float | None = None) -> Record:
     """Merge one pair and checkpoint it; never raises: failures become records."""
     start = time.perf_counter()
     try:
         inputs = input_fingerprints(pair)  # before reading: a later change shows
-        result = merge_pair(pair.nucleotide, pair.protein, pair.output, label=labels and labels[0])
+        result = merge_pair(pair.nucleotide, pair.protein, pair.output, label=labels and labels[0],
+                            max_dropped=max_dropped)
         try:
             write_checkpoint(pair, inputs, labels=labels, rows=result.rows)
         except BaseException:
@@ -75,10 +76,11 @@ def merge_one(pair: Pair, labels: list[int] | None) -> Record:
     )
 
 
-def merge_pairs(pairs: Sequence[Pair], labels: list[int] | None) -> list[Record]:
+def merge_pairs(pairs: Sequence[Pair], labels: list[int] | None,
+                max_dropped: float | None = None) -> list[Record]:
     """The task of one batch (a bag partition): merge its pairs one after another."""
     with grouped_folder_syncs(), reused_read_buffers():
-        return [merge_one(Pair(*pair), labels) for pair in pairs]
+        return [merge_one(Pair(*pair), labels, max_dropped) for pair in pairs]
 
 
 def crashed(pairs: Sequence[Pair], why: str) -> list[Record]:

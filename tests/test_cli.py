@@ -18,6 +18,87 @@ def invoke(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+def test_results_go_to_stdout_progress_and_warnings_to_stderr(dataset, tmp_path):
+    result = invoke("run", "--nucleotide-dir", dataset, "--output-dir", tmp_path / "out",
+                    "--scheduler", "sync")
+    assert result.exit_code == 0, result.output
+    assert "merged 6, skipped 0, failed 0" in result.stdout and "outputs in" in result.stdout
+    assert "pairs to merge" in result.stderr and "Completed" in result.stderr
+    assert "pairs to merge" not in result.stdout and "Completed" not in result.stdout
+
+
+def test_report_dash_writes_the_json_alone_to_stdout(dataset, tmp_path):
+    result = invoke("run", "--nucleotide-dir", dataset, "--output-dir", tmp_path / "out",
+                    "--scheduler", "sync", "--report", "-")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["counts"] == {"merged": 6, "skipped": 0, "failed": 0}
+    assert "merged 6, skipped 0, failed 0" in result.stderr and not (tmp_path / "-").exists()
+
+
+def half_overlapping(dataset, protein_dir):
+    """A protein folder whose files hold 4 of the right ids, and 16 of another chunk's."""
+    from dask_merge.testing import make_pair
+
+    protein_dir.mkdir()
+    for stem in ("output_0", "output_1"):
+        right = torch.load(dataset / f"{stem}_ESM.pt")
+        nucleotide_ids = set(torch.load(dataset / f"{stem}_DNABERT_S.pt")["nucleotide"])
+        kept = [i for i, seq_id in enumerate(right["proteins"]) if seq_id in nucleotide_ids][:4]
+        (tmp := protein_dir / "other").mkdir(exist_ok=True)
+        wrong = make_pair(tmp, "other", rows=16, nucleotide_width=12,
+                          protein_width=20)
+        other = torch.load(wrong.protein)
+        torch.save({"proteins": [right["proteins"][i] for i in kept] + other["proteins"],
+                    "data": [right["data"][i] for i in kept] + other["data"]},
+                   protein_dir / f"{stem}_ESM.pt")
+        for path in tmp.iterdir():
+            path.unlink()
+
+
+def test_pairs_that_drop_many_ids_are_counted_and_warned_about(dataset, tmp_path):
+    half_overlapping(dataset, tmp_path / "esm")
+    result = invoke("run", "--nucleotide-dir", dataset, "--protein-dir", tmp_path / "esm",
+                    "--output-dir", tmp_path / "out", "--scheduler", "sync", "--no-progress")
+    assert result.exit_code == 0, result.output  # merged, as asked, but loudly
+    assert "merged 2, skipped 0, failed 0" in result.stdout
+    assert "ids dropped: 34 nucleotide ids without a protein vector (worst: output_" in result.stdout
+    assert "2 merged pairs drop more than 10% of their nucleotide ids" in result.stderr
+    assert "2 merged pairs drop more than 10% of their protein ids" in result.stderr
+
+
+def test_max_dropped_fails_such_pairs_before_writing_them(dataset, tmp_path):
+    half_overlapping(dataset, tmp_path / "esm")
+    result = invoke("run", "--nucleotide-dir", dataset, "--protein-dir", tmp_path / "esm",
+                    "--output-dir", tmp_path / "out", "--scheduler", "sync", "--no-progress",
+                    "--max-dropped", "0.1", "--report", tmp_path / "r.json")
+    assert result.exit_code == 1, result.output
+    assert "FAILED output_0" in result.stdout and "more than max_dropped=0.1 allows" in result.stdout
+    assert not list((tmp_path / "out").glob("*_merged.pt"))
+    failed = json.loads((tmp_path / "r.json").read_text())["pairs"][0]
+    assert failed["status"] == "failed" and "of its 21 ids" in failed["error"]
+
+
+def test_folders_given_as_arguments_are_told_to_be_options(dataset, tmp_path):
+    result = invoke("run", dataset, tmp_path / "out")
+    assert result.exit_code == 2
+    assert "folders are given as options, not as arguments" in result.output
+    assert "--nucleotide-dir DIR" in result.output
+
+
+def test_no_pairs_says_what_each_folder_holds(dataset, tmp_path):
+    esm = tmp_path / "esm"
+    esm.mkdir()
+    for protein in dataset.glob("*_ESM.pt"):
+        protein.rename(esm / protein.name)
+    # The folders swapped: ESM files given as nucleotide folder and the other way round.
+    result = invoke("run", "--nucleotide-dir", esm, "--protein-dir", dataset,
+                    "--output-dir", tmp_path / "out")
+    assert result.exit_code == 2
+    assert f"{esm} holds 0 STEM_DNABERT_S.pt, 6 STEM_ESM.pt" in result.output
+    assert "were --nucleotide-dir and --protein-dir swapped?" in result.output
+
+
 def test_run_writes_outputs_report_and_summary(dataset, tmp_path):
     out, report_file = tmp_path / "out", tmp_path / "report.json"
     result = invoke("run", "--nucleotide-dir", dataset, "--output-dir", out, "--scheduler", "sync",
@@ -125,7 +206,8 @@ def test_module_entry_point_and_console_script_agree(tmp_path):
 def test_demo_merges_a_sample_on_the_processes_scheduler(tmp_path):
     result = invoke("demo", "--dir", tmp_path / "demo", "--pairs", 3, "--rows", 50)
     assert result.exit_code == 0, result.output
-    assert "merged 3, skipped 0, failed 0" in result.output
+    assert "merged 3, skipped 0, failed 0" in result.stdout
+    assert "100% Completed" in result.stderr  # a progress bar, however quick the run
     report = json.loads((tmp_path / "demo" / "report.json").read_text())
     assert report["scheduler"] == "processes" and report["counts"]["merged"] == 3
     again = invoke("demo", "--dir", tmp_path / "demo")

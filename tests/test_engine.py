@@ -175,7 +175,7 @@ def test_tasks_are_named_for_the_dashboard_and_tiny_pairs_are_batched(tmp_path):
     assert {len(part) for part in _partitions(pairs, None, workers=2)} == {1}
     assert _partitions(tiny, 7, workers=2)[0] == tiny[:7]
 
-    bag = _bag(batches, None)
+    bag = _bag(batches, (None, None))
     assert all(str(key[0]).startswith(f"{TASK_NAME}-") for key in bag.__dask_keys__())
 
 
@@ -255,7 +255,7 @@ def test_force_must_be_a_bool(tmp_path):
 
 def test_run_refuses_an_unknown_option_before_making_the_output_folder(tmp_path):
     make_pair(tmp_path, "p", rows=2, nucleotide_width=2, protein_width=2)
-    with pytest.raises(TypeError, match="worker"):
+    with pytest.raises(TypeError, match="unexpected option 'worker'; did you mean 'workers'"):
         dask_merge.run(tmp_path, output_dir=tmp_path / "out", worker=2)
     with pytest.raises(dask_merge.ConfigurationError, match="workers must be"):
         dask_merge.run(tmp_path, output_dir=tmp_path / "out", workers=0)
@@ -508,7 +508,7 @@ def test_pool_workers_import_neither_distributed_nor_torch(tmp_path):
     pairs = dask_merge.find_pairs(tmp_path / "features", output_dir=tmp_path).pairs
     pool = _start_pool(1)
     try:
-        bag = _bag([pairs], None)
+        bag = _bag([pairs], (None, None))
         records = bag.compute(scheduler="processes", pool=pool, optimize_graph=False)
         # Ask the same worker, after a merge, what it has imported.
         modules = pool.submit(eval, "sorted(__import__('sys').modules)").result(timeout=60)

@@ -155,11 +155,12 @@ def assert_resumes(features: Path, out: Path, inputs: Inputs, *, pairs: int = ST
 # --- 1. SIGKILL of the whole run ------------------------------------------------------------
 
 
-def start_a_run(inputs: Inputs, tmp_path: Path) -> tuple[Path, Path, subprocess.Popen, list]:
+def start_a_run(inputs: Inputs, tmp_path: Path, *extra: str
+                ) -> tuple[Path, Path, subprocess.Popen, list]:
     """A CLI run on the process pool, in its own session, once its first output is there."""
     features, out = inputs.linked(tmp_path / "features"), tmp_path / "out"
     run = cli("--nucleotide-dir", features, "--output-dir", out, "--scheduler", "processes",
-              "--workers", "2", "--no-progress", start_new_session=True)
+              "--workers", "2", "--no-progress", *extra, start_new_session=True)
     wait_for_first_output(run, out)
     children = descendants(run.pid)
     assert len(children) >= 2, "the pool's workers are not running"
@@ -251,6 +252,23 @@ def test_ctrl_c_stops_everything_cleans_up_and_the_rerun_resumes(inputs, tmp_pat
     assert f"{len(done)} pairs are done, {STEMS - len(done)} left" in stderr, stderr
     assert temporaries(out) == []
     assert_outputs_correct(out, features, inputs.expected)
+    assert_resumes(features, out, inputs)
+
+
+def test_ctrl_c_on_a_forced_run_says_to_rerun_without_force(inputs, tmp_path):
+    # The same --force command would merge every pair again, not resume.
+    features, out, run, children = start_a_run(inputs, tmp_path, "--force")
+    os.killpg(run.pid, signal.SIGINT)
+    try:
+        _, stderr = run.communicate(timeout=15)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert run.returncode == 130, stderr
+    done = merged_stems(out)
+    assert (f"{len(done)} pairs have an up-to-date output (this run's or older), "
+            f"{STEMS - len(done)} do not") in stderr, stderr
+    assert "again without --force" in stderr and "Run the same command" not in stderr, stderr
     assert_resumes(features, out, inputs)
 
 
