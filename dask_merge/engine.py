@@ -41,6 +41,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import sys
 import time
 import urllib.parse
@@ -751,12 +752,17 @@ class _DashboardNoise(logging.Filter):
     """Drop what a LocalCluster's dashboard logs that is no fault of the run.
 
     "Port 8787 is already in use": the run says itself which port it took
-    (:func:`_port_note`).  A closed websocket or stream: a browser tab that
-    was closed while the dashboard sent it an update.
+    (:func:`_port_note`).  A browser tab closed while the dashboard set up
+    its websocket or sent it an update: tornado logs a traceback.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if "is already in use" in record.getMessage():
+        message = record.getMessage()
+        if "is already in use" in message:
+            return False
+        # A tab closed as its page loads fails in bokeh's websocket handler
+        # (an AssertionError in its on_close), which tornado logs with a traceback.
+        if re.match(r"Uncaught exception GET \S*/ws\b", message):
             return False
         error = record.exc_info[1] if record.exc_info else None
         return type(error).__name__ not in ("WebSocketClosedError", "StreamClosedError")

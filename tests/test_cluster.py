@@ -245,3 +245,41 @@ def test_workers_of_a_run_keep_read_buffers_and_a_shared_cluster_s_do_not(cluste
     assert report.ok
     with Client(address, timeout="30s") as observer:
         assert set(observer.run(eval, _KEPT).values()) == {False}
+
+
+def test_a_local_cluster_says_which_port_it_took_and_keeps_dashboard_noise_out(tmp_path):
+    # The port asked for is taken, and a browser tab closes the dashboard's
+    # socket as its page loads: distributed warns, and bokeh's websocket
+    # handler fails with a traceback, neither of which is the run's business.
+    from tornado.ioloop import IOLoop
+    from tornado.websocket import websocket_connect
+
+    make_dataset(tmp_path / "features", pairs=200, rows=3, nucleotide_width=4, protein_width=4)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.Popen(
+            [sys.executable, "-m", "dask_merge", "run", "--nucleotide-dir", str(tmp_path / "features"),
+             "--output-dir", str(tmp_path / "out"), "--scheduler", "local", "--workers", "1",
+             "--partition-size", "1", "--no-progress", "--dashboard-address", f"127.0.0.1:{port}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            first = run.stderr.readline()
+            link = run.stderr.readline()
+            assert "pairs to merge" in first and "dashboard at" in link, first + link
+            assert f"(port {port} was taken)" in link
+            page = link.split("dashboard at ")[1].split()[0]
+
+            async def close_as_it_loads():
+                socket_ = await websocket_connect(page.replace("http:", "ws:") + "/ws")
+                socket_.close()
+
+            IOLoop.current().run_sync(close_as_it_loads, timeout=30)
+            out, err = run.communicate(timeout=240)
+        finally:
+            run.kill()
+    assert run.returncode == 0, err
+    assert "merged 200, skipped 0, failed 0" in out
+    for noise in ("already in use", "Uncaught exception", "Traceback"):
+        assert noise not in err, err
