@@ -111,7 +111,7 @@ def test_cluster_run_from_the_command_line(cluster, dataset, tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    assert "merged 6, skipped 0, failed 0" in done.stderr
+    assert "merged 6, skipped 0, failed 0" in done.stdout
     # --no-progress drops the bars, not where to watch the run
     assert "dask-merge: dashboard at http://" in done.stderr, done.stderr
 
