@@ -38,7 +38,6 @@ import html
 import inspect
 import json
 import logging
-import math
 import numbers
 import os
 import re
@@ -65,6 +64,7 @@ from .formats import (
     remove_stale_temporaries,
 )
 from .merge import check_max_dropped
+from .partition import partition
 from .plan import RECORD_FOLDER, Checkpoint, Pair, checkpoint_state, find_pairs
 from .tasks import (  # noqa: F401 (merge_one)
     Record, crashed, keep_read_buffers, merge_one, merge_pairs, pool_worker,
@@ -79,7 +79,6 @@ LOCAL_SCHEDULERS = {
 }
 TASK_NAME = "merge-pair"  # what tasks are called on the dashboard
 HTML_ROWS = 200  # rows of a plan or report shown in a notebook
-TARGET_PARTITION_BYTES = 32 * 2**20  # batch tiny pairs up to about this much input
 CONNECT_TIMEOUT = "5s"
 DROP_WARNING = 0.1  # see Report.warnings
 
@@ -306,9 +305,10 @@ class Plan:
             How often a pair whose worker died (or raised) is tried again
             before it is reported failed.
         partition_size
-            Pairs per task; by default one per pair for large pairs, batches
-            of about 32 MiB of input for tiny ones, and at least four tasks
-            per worker thread.
+            Pairs per task; by default tasks of about equal input bytes
+            (see :func:`dask_merge.partition.partition`): one per pair for
+            large pairs, batches of up to about 32 MiB of input for tiny
+            ones, at least four tasks per worker thread, the biggest first.
         performance_report
             On a cluster: write Dask's HTML performance report there.
         client
@@ -548,34 +548,49 @@ def _check_options(scheduler, client, scheduler_file, *, workers, retries, parti
 
 
 def _partitions(pending: list[Pair], size: int | None, workers: int) -> list[list[Pair]]:
-    """Split the pairs into tasks (of ``size`` pairs, if given).
+    """Split the pairs into tasks balanced by their input bytes (see :mod:`.partition`).
 
-    A 10,000-row pair takes half a second: one task each.  Thousands of
-    10-row pairs take a millisecond each, about what a task costs to
-    schedule: batch them to about :data:`TARGET_PARTITION_BYTES` of input,
-    yet make at least four tasks per worker, a multiple of the workers, all
-    of one size (give or take a pair), so that all workers finish together.
-
-    >>> _partitions(list(range(10)), 4, workers=2)
-    [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    ``size`` pairs per task, if given.  The costliest tasks are placed where
+    Dask runs them first: among independent tasks it goes by key, not by
+    position in the bag.
     """
-    if not pending:
-        return []
-    if size is not None:
-        size = max(size, 1)
-        return [pending[i : i + size] for i in range(0, len(pending), size)]
-    sizes = [_input_bytes(p) for p in pending[:100]]
-    per_pair = max(sum(sizes) / len(sizes), 1)
-    tasks = max(4 * workers, math.ceil(len(pending) * per_pair / TARGET_PARTITION_BYTES))
-    tasks = min(len(pending), -(-tasks // workers) * workers)  # a multiple of the workers
-    cuts = [len(pending) * i // tasks for i in range(tasks + 1)]
-    return [pending[a:b] for a, b in zip(cuts, cuts[1:])]
+    sizes = [_input_bytes(p) for p in pending]
+    return _in_dask_order(partition(pending, sizes, threads=workers, pairs_per_task=size))
 
 
 def _input_bytes(pair: Pair) -> int:
-    with contextlib.suppress(OSError):
-        return os.path.getsize(pair.nucleotide) + os.path.getsize(pair.protein)
-    return 0
+    """The bytes of a pair's inputs (0 for one gone: its merge will say why)."""
+    total = 0
+    for path in (pair.nucleotide, pair.protein):
+        with contextlib.suppress(OSError):
+            total += os.stat(path).st_size
+    return total
+
+
+def _in_dask_order(tasks: list[list[Pair]]) -> list[list[Pair]]:
+    """Place ``tasks[0]`` at the bag index Dask runs first, ``tasks[1]`` second, ...
+
+    Dask orders independent tasks by their keys, ``(name, index)``, so the
+    positions depend on the number of tasks only (see :func:`_run_order`).
+    """
+    placed: list[list[Pair]] = [[] for _ in tasks]
+    for slot, task in zip(_run_order(len(tasks)), tasks):
+        placed[slot] = task
+    return placed
+
+
+def _run_order(tasks: int) -> list[int]:
+    """The bag indices of ``tasks`` independent tasks in the order Dask runs them.
+
+    :func:`dask.order.order` breaks the tie between independent tasks by the
+    text of their keys, the greatest first; it costs ~0.1 ms a task, so its
+    rule is applied here (``tests/test_partition.py`` checks it against
+    Dask's own order).
+
+    >>> _run_order(12)
+    [9, 8, 7, 6, 5, 4, 3, 2, 11, 10, 1, 0]
+    """
+    return sorted(range(tasks), key=lambda i: str((TASK_NAME, i)), reverse=True)
 
 
 def _bag(partitions: list[list[Pair]], merge_args: tuple) -> db.Bag:
