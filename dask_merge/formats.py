@@ -26,7 +26,7 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, ClassVar
 
 import numpy as np
 
@@ -60,6 +60,14 @@ class FeatureFile:
     fast: bool
     _archive: TorchArchive = field(repr=False)
     _vectors: list = field(repr=False)
+    whole_data_set: ClassVar[bool] = False  # one chunk's file (see dask_merge.sources.Source)
+
+    def positions(self) -> dict[str, int]:
+        """Id -> position in :attr:`ids`, the row that :meth:`fill` takes."""
+        return {seq_id: i for i, seq_id in enumerate(self.ids)}
+
+    def prepare(self, rows: Sequence[int]) -> None:
+        """Nothing to do: the vectors are already in memory, in the file's bytes."""
 
     def fill(self, out: np.ndarray, rows: Sequence[int]) -> None:
         """Copy the vectors at positions ``rows`` of :attr:`ids`, in order, into ``out``.

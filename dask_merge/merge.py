@@ -17,6 +17,7 @@ import numpy as np
 from .archive import ArrayBlocks, short_repr
 from .errors import MispairedError, OutputError
 from .formats import label_value, read_features, write_merged
+from .sources import ProteinSpec, Source, open_protein, spec_paths
 
 EXAMPLES = 5  # how many dropped ids a result names
 BLOCK_BYTES = 4 << 20  # output rows are assembled and written in blocks of this size
@@ -33,7 +34,8 @@ class MergeResult:
     nucleotide_only: int
     """Ids of the nucleotide file without a protein vector: their rows were dropped."""
     protein_only: int
-    """Ids of the protein file without a nucleotide vector: not used."""
+    """Ids of the protein file without a nucleotide vector: not used (0 from HDF5,
+    whose ids are the whole data set's)."""
     nucleotide_only_examples: tuple[str, ...]
     protein_only_examples: tuple[str, ...]
     seconds: float
@@ -49,7 +51,7 @@ def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
 
 def merge_pair(
     nucleotide_file: str | os.PathLike[str],
-    protein_file: str | os.PathLike[str],
+    protein_file: ProteinSpec,
     output_file: str | os.PathLike[str],
     *,
     label: str | int | None = None,
@@ -64,9 +66,14 @@ def merge_pair(
 
     Parameters
     ----------
-    nucleotide_file, protein_file
-        ``STEM_DNABERT_S.pt`` and ``STEM_ESM.pt`` as the VirNucPro pipeline
-        writes them.
+    nucleotide_file
+        ``STEM_DNABERT_S.pt`` as the VirNucPro pipeline writes it.
+    protein_file
+        ``STEM_ESM.pt`` as the VirNucPro pipeline writes it, or the HDF5
+        file of the whole data set that VirNucPro v2 writes
+        (``embeddings.h5``, any path ending ``.h5``), or a list of its
+        shards (``shard_0.h5``, ...).  From HDF5, ids of the data set that
+        this chunk does not hold are not counted as ``protein_only``.
     output_file
         Where to write ``STEM_merged.pt``.
     label
@@ -91,24 +98,37 @@ def merge_pair(
     labels = label_value(label)
     check_max_dropped(max_dropped)
     output_file = os.fspath(output_file)
-    for given in (nucleotide_file, protein_file):
+    for given in (nucleotide_file, *spec_paths(protein_file)):
         if _same_file(output_file, given):
             raise OutputError(f"{output_file}: is the input {os.fspath(given)}; "
                               "an output never replaces an input")
-    protein = read_features(protein_file, "protein")
+    protein = open_protein(protein_file)
     nucleotide = read_features(nucleotide_file, "nucleotide")
+    return join(nucleotide, protein, output_file, labels=labels, max_dropped=max_dropped,
+                started=start)
 
-    position = {seq_id: i for i, seq_id in enumerate(protein.ids)}
+
+def join(nucleotide: Source, protein: Source, output_file: str, *, labels: list[int] | None,
+         max_dropped: float | None = None, started: float | None = None) -> MergeResult:
+    """Write the merged features of two opened sources (see :func:`merge_pair`).
+
+    ``started``: the :func:`time.perf_counter` the result's seconds count from.
+    """
+    start = time.perf_counter() if started is None else started
+    position = protein.positions()
     nucleotide_rows, protein_rows, ids, nucleotide_only = [], [], [], []
     for i, seq_id in enumerate(nucleotide.ids):
-        j = position.pop(seq_id, None)
+        j = position.get(seq_id)
         if j is None:
             nucleotide_only.append(seq_id)
         else:
             nucleotide_rows.append(i)
             protein_rows.append(j)
             ids.append(seq_id)
-    protein_only = [seq_id for seq_id in protein.ids if seq_id in position]
+    protein_only = []
+    if not protein.whole_data_set and len(ids) < len(protein.ids):
+        used = set(ids)
+        protein_only = [seq_id for seq_id in protein.ids if seq_id not in used]
     if not ids and (nucleotide.ids or protein.ids):
         raise MispairedError(
             f"{nucleotide.path} ({len(nucleotide.ids)} ids, e.g. {_examples(nucleotide.ids)}) and "
@@ -124,6 +144,8 @@ def merge_pair(
                     f"({len(dropped) / len(side.ids):.0%}, e.g. {_examples(dropped)}) are not in "
                     f"{other.path}: more than max_dropped={max_dropped} allows"
                 )
+    nucleotide.prepare(nucleotide_rows)
+    protein.prepare(protein_rows)
 
     width = nucleotide.width
     shape = (len(ids), width + protein.width)

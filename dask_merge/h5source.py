@@ -1,0 +1,251 @@
+"""The ESM-2 side as VirNucPro v2 writes it: one ``embeddings.h5``, or its shards.
+
+Each file holds ``sequence_ids`` (1-D strings) and ``embeddings`` (rows x
+width float32), row ``i`` the vector of id ``i``.  A worker process opens the
+files read-only and maps ids to rows once (:func:`open_h5` keeps one index per
+process, keyed by the files' paths and fingerprints); each pair then reads
+only its own rows, sorted, in a few slab reads (:mod:`dask_merge.h5read`).
+
+The files are untrusted.  HDF5 runs no code, but a file can point elsewhere
+(external links, external storage, virtual datasets: refused), load filter
+plugins (only gzip and shuffle are accepted), or declare absurd sizes: widths,
+chunk and id sizes are bounded, and gzip is inflated here with a bound on its
+output.  The id index costs memory in proportion to the ids; a pair's rows
+are the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import h5py
+import numpy as np
+
+from .errors import FileFormatError, UnsafeFileError
+from .h5read import Embeddings, check_stored_in_file
+
+IDS, VECTORS = "sequence_ids", "embeddings"
+MAX_ID_CHARS = 4096  # a FASTA id; VirNucPro's are under 100
+ID_BATCH = 1 << 16  # ids are read this many at a time, and checked as they come
+
+
+@dataclass
+class _Shard:
+    path: str
+    file: h5py.File
+    embeddings: Embeddings
+    start: int  # the global row of its first row
+
+
+@dataclass
+class _Index:
+    """What a worker process keeps of the files between pairs."""
+
+    key: tuple
+    shards: list[_Shard]
+    ids: list[str]
+    position: dict[str, int]
+    width: int
+
+    def close(self) -> None:
+        for shard in self.shards:
+            shard.file.close()
+
+
+_cache: dict[str, _Index] = {}
+_cache_lock = threading.Lock()
+
+
+def _key(paths: Sequence[str]) -> tuple:
+    """Paths and fingerprints of the files: a regenerated file is another key."""
+    key = []
+    for path in paths:
+        try:
+            found = os.stat(path)
+        except OSError as err:
+            raise FileFormatError(f"{path}: cannot open ({err.strerror})") from None
+        if not stat.S_ISREG(found.st_mode):
+            raise FileFormatError(f"{path}: not a regular file, so not an HDF5 file")
+        key.append((os.path.abspath(path), found.st_dev, found.st_ino, found.st_size,
+                    found.st_mtime_ns))
+    return tuple(key)
+
+
+def open_h5(paths: Sequence[str]) -> H5Source:
+    """The HDF5 protein source of ``paths`` (one file, or the shards in order).
+
+    The first call in a process reads and checks every id; later calls with
+    the same, unchanged files reuse that index.  Only the last set of files
+    is kept.
+
+    Raises
+    ------
+    FileFormatError
+        Naming the file and the dataset at fault: not an HDF5 file (or
+        truncated), a dataset missing or of the wrong dtype or rank, row
+        counts that differ, an id twice (in one shard or two).
+    UnsafeFileError
+        A link, storage or filter that would read outside the file or load
+        a plugin.
+    """
+    if not paths:
+        raise ValueError("no HDF5 file given")
+    key = _key(paths)
+    with _cache_lock:
+        index = _cache.get("index")
+        if index is None or index.key != key:
+            if index is not None:
+                del _cache["index"]
+                index.close()
+            index = _build_index(key, list(paths))
+            _cache["index"] = index
+    return H5Source(", ".join(paths), index)
+
+
+def _build_index(key: tuple, paths: list[str]) -> _Index:
+    shards: list[_Shard] = []
+    ids: list[str] = []
+    position: dict[str, int] = {}
+    try:
+        for path in paths:
+            file = _open_file(path)
+            shards.append(_Shard(path, file, Embeddings(path, file[VECTORS]), len(ids)))
+            _check_ids_dataset(path, file[IDS], shards[-1].embeddings.rows)
+            for batch_start, batch in _id_batches(path, file[IDS]):
+                _add_ids(shards, ids, position, batch_start, batch)
+        widths = {shard.embeddings.width for shard in shards}
+        if len(widths) > 1:
+            raise FileFormatError(
+                f"{', '.join(paths)}: the shards' {VECTORS!r} differ in width "
+                f"({', '.join(f'{s.path}: {s.embeddings.width}' for s in shards)})"
+            )
+    except BaseException:
+        for shard in shards:
+            shard.file.close()
+        raise
+    return _Index(key, shards, ids, position, widths.pop())
+
+
+def _open_file(path: str) -> h5py.File:
+    try:
+        # locking=False: shared file systems (NFS, Lustre) often refuse HDF5's
+        # locks, and a read-only reader needs none.
+        file = h5py.File(path, "r", locking=False)
+    except OSError as err:
+        raise FileFormatError(f"{path}: not an HDF5 file, or truncated ({err})") from None
+    try:
+        for name in (IDS, VECTORS):
+            _check_link(path, file, name)
+    except BaseException:
+        file.close()
+        raise
+    return file
+
+
+def _check_link(path: str, file: h5py.File, name: str) -> None:
+    link = file.get(name, getlink=True)
+    if link is None:
+        raise FileFormatError(f"{path}: no dataset {name!r} (found {sorted(file)[:10]})")
+    if type(link) is not h5py.HardLink:
+        # An external link opens another file; a soft link may too, through one.
+        raise UnsafeFileError(f"{path}: {name!r} is a {type(link).__name__}, not a dataset "
+                              "stored in the file; refused")
+    if not isinstance(file[name], h5py.Dataset):
+        raise FileFormatError(f"{path}: {name!r} is a {type(file[name]).__name__}, not a dataset")
+
+
+def _check_ids_dataset(path: str, ds: h5py.Dataset, rows: int) -> None:
+    where = f"{path}: dataset {IDS!r}"
+    check_stored_in_file(where, ds)
+    info = h5py.check_string_dtype(ds.dtype)
+    if info is None or ds.ndim != 1:
+        raise FileFormatError(f"{where} must be 1-D strings, found {ds.dtype} of shape {ds.shape}")
+    if info.length is not None and info.length > MAX_ID_CHARS:
+        raise FileFormatError(f"{where}: strings of {info.length} bytes; ids are at most "
+                              f"{MAX_ID_CHARS}")
+    if ds.shape[0] != rows:
+        raise FileFormatError(f"{where} holds {ds.shape[0]} ids but {VECTORS!r} has {rows} rows")
+
+
+def _id_batches(path: str, ds: h5py.Dataset):
+    """The ids as str, a batch at a time: memory stays that of the ids, however stored."""
+    strings = ds.asstr()
+    for start in range(0, ds.shape[0], ID_BATCH):
+        try:
+            batch = strings[start : start + ID_BATCH].tolist()
+        except UnicodeDecodeError as err:
+            raise FileFormatError(f"{path}: dataset {IDS!r} holds an id that is not UTF-8, "
+                                  f"among rows {start}-{start + ID_BATCH - 1} ({err.reason})") from None
+        except OSError as err:
+            raise FileFormatError(f"{path}: dataset {IDS!r} cannot be read, "
+                                  f"corrupt or truncated ({err})") from None
+        if batch and max(map(len, batch)) > MAX_ID_CHARS:
+            long = next(i for i, s in enumerate(batch) if len(s) > MAX_ID_CHARS)
+            raise FileFormatError(f"{path}: dataset {IDS!r}, row {start + long}: an id of "
+                                  f"{len(batch[long])} characters; ids are at most {MAX_ID_CHARS}")
+        yield start, batch
+
+
+def _add_ids(shards: list[_Shard], ids: list[str], position: dict[str, int],
+             batch_start: int, batch: list[str]) -> None:
+    first = len(ids)
+    ids.extend(batch)
+    position.update(zip(batch, range(first, first + len(batch))))
+    if len(position) == len(ids):
+        return
+    seen = {}
+    for row, seq_id in enumerate(ids):
+        if seq_id in seen:
+            raise FileFormatError(f"id {seq_id!r} appears twice in {IDS!r}: "
+                                  f"{_where(shards, seen[seq_id])} and {_where(shards, row)}")
+        seen[seq_id] = row
+
+
+def _where(shards: list[_Shard], row: int) -> str:
+    shard = next(s for s in reversed(shards) if s.start <= row)
+    return f"{shard.path} row {row - shard.start}"
+
+
+@dataclass
+class H5Source:
+    """The HDF5 files of the whole data set as one side of a merge."""
+
+    path: str
+    _index: _Index = field(repr=False)
+    _rows: np.ndarray = field(default=None, repr=False)  # sorted rows read by prepare
+    _vectors: np.ndarray = field(default=None, repr=False)
+    whole_data_set = True
+
+    @property
+    def ids(self) -> list[str]:
+        return self._index.ids
+
+    @property
+    def width(self) -> int:
+        return self._index.width
+
+    def positions(self) -> Mapping[str, int]:
+        return self._index.position
+
+    def prepare(self, rows: Sequence[int]) -> None:
+        """Read the vectors of ``rows``, shard by shard, in sorted order."""
+        wanted = np.unique(np.asarray(rows, np.int64))
+        vectors = np.empty((len(wanted), self.width), np.float32)
+        bounds = [shard.start for shard in self._index.shards[1:]]
+        cuts = np.searchsorted(wanted, bounds)
+        for shard, part, start in zip(self._index.shards, np.split(wanted, cuts),
+                                      np.concatenate([[0], cuts])):
+            if len(part):
+                shard.embeddings.read_rows(part - shard.start, vectors[start : start + len(part)])
+        self._rows, self._vectors = wanted, vectors
+
+    def fill(self, out: np.ndarray, rows: Sequence[int]) -> None:
+        if not len(rows):
+            return
+        if self._rows is None:
+            raise RuntimeError("H5Source.fill before prepare")
+        out[...] = self._vectors[np.searchsorted(self._rows, rows)]
