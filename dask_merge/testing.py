@@ -1,7 +1,8 @@
 """Builders of realistic VirNucPro feature files, for tests, notebooks and demos.
 
 Files are written with ``torch.save`` in exactly the layouts upstream writes,
-so what is tested is what users have.  :func:`reference_merge` is the upstream
+so what is tested is what users have; the VirNucPro v2 layout (HDF5 on the
+protein side) too, with the v2 fork's conversion (:mod:`dask_merge.testing_h5`).  :func:`reference_merge` is the upstream
 merge algorithm (with its ids bug fixed), loaded through torch's own safe
 loader: the model that :func:`dask_merge.merge_pair` must match bit for bit.
 """
@@ -81,6 +82,31 @@ def make_pair(
     """
     folder = Path(folder)
     protein_folder = Path(protein_folder) if protein_folder is not None else folder
+    content = _pair_content(stem, rows, nucleotide_width, protein_width, nucleotide_only,
+                            protein_only, shuffle, seed)
+    pair = SamplePair(
+        stem,
+        folder / f"{stem}{NUCLEOTIDE_SUFFIX}",
+        protein_folder / f"{stem}{PROTEIN_SUFFIX}",
+        content.nucleotide_ids,
+        content.protein_ids,
+    )
+    write_nucleotide_file(pair.nucleotide, content.nucleotide_ids, content.nucleotide_vectors)
+    write_protein_file(pair.protein, content.protein_ids, content.protein_vectors)
+    return pair
+
+
+@dataclass(frozen=True)
+class _Content:
+    nucleotide_ids: list[str]
+    nucleotide_vectors: np.ndarray
+    protein_ids: list[str]
+    protein_vectors: np.ndarray
+
+
+def _pair_content(stem: str, rows: int, nucleotide_width: int, protein_width: int,
+                  nucleotide_only: int, protein_only: int, shuffle: bool, seed: int) -> _Content:
+    """The ids and vectors of one sample pair (see :func:`make_pair`)."""
     rng = np.random.default_rng(seed)
     shared = [f"{stem}_seq_{i}_chunk_1R{1 + i % 2}" for i in range(rows)]
     nucleotide_ids = shared + [f"{stem}_no_orf_{i}" for i in range(nucleotide_only)]
@@ -89,16 +115,8 @@ def make_pair(
         protein_ids = [protein_ids[i] for i in rng.permutation(len(protein_ids))]
     nucleotide_vectors = rng.standard_normal((len(nucleotide_ids), nucleotide_width), np.float32)
     protein_vectors = rng.standard_normal((len(protein_ids), protein_width), np.float32)
-    pair = SamplePair(
-        stem,
-        folder / f"{stem}{NUCLEOTIDE_SUFFIX}",
-        protein_folder / f"{stem}{PROTEIN_SUFFIX}",
-        nucleotide_ids,
-        protein_ids,
-    )
-    write_nucleotide_file(pair.nucleotide, nucleotide_ids, nucleotide_vectors * 0.1)
-    write_protein_file(pair.protein, protein_ids, protein_vectors * 0.05)
-    return pair
+    return _Content(nucleotide_ids, nucleotide_vectors * 0.1, protein_ids,
+                    protein_vectors * 0.05)
 
 
 def make_dataset(
@@ -155,3 +173,8 @@ def reference_merge(nucleotide_file, protein_file, *, label=None) -> dict:
         merged["labels"] = [{"viral": 1, "host": 0}.get(label, label)]
     return merged
 
+
+# The v2 layout's builders live in their own module (they import h5py).
+from .testing_h5 import (  # noqa: E402
+    EMBEDDINGS_FILE, H5Sample, H5Writer, fork_convert, make_h5_dataset, write_embeddings_h5,
+)
