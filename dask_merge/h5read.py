@@ -9,7 +9,6 @@ refused before anything is read, so that no filter plugin is ever loaded.
 
 from __future__ import annotations
 
-import os
 import zlib
 
 import h5py
@@ -44,7 +43,7 @@ class Embeddings:
 
     def __init__(self, path: str, ds: h5py.Dataset) -> None:
         self.where = f"{path}: dataset {ds.name.lstrip('/')!r}"
-        check_embeddings(self.where, path, ds)
+        check_embeddings(self.where, ds)
         self.ds = ds
         self.rows, self.width = ds.shape
         plist = ds.id.get_create_plist()
@@ -128,7 +127,7 @@ class Embeddings:
         return plain
 
 
-def check_embeddings(where: str, path: str, ds: h5py.Dataset) -> None:
+def check_embeddings(where: str, ds: h5py.Dataset) -> None:
     """Refuse what is not a bounded rows x width float32 dataset stored in ``path``."""
     check_stored_in_file(where, ds)
     if ds.ndim != 2 or ds.dtype.kind != "f" or ds.dtype.itemsize != 4:
@@ -146,11 +145,6 @@ def check_embeddings(where: str, path: str, ds: h5py.Dataset) -> None:
                                   "are read")
     if ds.chunks is not None:
         _check_chunks(where, ds.chunks, width, rows, filtered=bool(filters))
-    elif plist.get_layout() == h5py.h5d.CONTIGUOUS:
-        offset = ds.id.get_offset()
-        if offset is not None and offset + rows * width * 4 > os.path.getsize(path):
-            raise FileFormatError(f"{where}: its {rows} x {width} values end past the end of "
-                                  "the file: truncated")
 
 
 def _check_chunks(where: str, chunks: tuple[int, int], width: int, rows: int, *,

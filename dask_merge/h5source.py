@@ -33,27 +33,26 @@ MAX_ID_CHARS = 4096  # a FASTA id; VirNucPro's are under 100
 ID_BATCH = 1 << 16  # ids are read this many at a time, and checked as they come
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Shard:
     path: str
-    file: h5py.File
-    embeddings: Embeddings
     start: int  # the global row of its first row
+    rows: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Index:
-    """What a worker process keeps of the files between pairs."""
+    """What a worker process keeps of the files between pairs: ids, no open file.
+
+    Files are opened for each pair's reads and closed after: a process that
+    holds none open lets the user's own h5py code rewrite them.
+    """
 
     key: tuple
     shards: list[_Shard]
     ids: list[str]
     position: dict[str, int]
     width: int
-
-    def close(self) -> None:
-        for shard in self.shards:
-            shard.file.close()
 
 
 _cache: dict[str, _Index] = {}
@@ -98,9 +97,7 @@ def open_h5(paths: Sequence[str]) -> H5Source:
     with _cache_lock:
         index = _cache.get("index")
         if index is None or index.key != key:
-            if index is not None:
-                del _cache["index"]
-                index.close()
+            _cache.pop("index", None)  # its memory goes before the next is built
             index = _build_index(key, list(paths))
             _cache["index"] = index
     return H5Source(", ".join(paths), index)
@@ -110,24 +107,21 @@ def _build_index(key: tuple, paths: list[str]) -> _Index:
     shards: list[_Shard] = []
     ids: list[str] = []
     position: dict[str, int] = {}
-    try:
-        for path in paths:
-            file = _open_file(path)
-            shards.append(_Shard(path, file, Embeddings(path, file[VECTORS]), len(ids)))
-            _check_ids_dataset(path, file[IDS], shards[-1].embeddings.rows)
-            for batch_start, batch in _id_batches(path, file[IDS]):
-                _add_ids(shards, ids, position, batch_start, batch)
-        widths = {shard.embeddings.width for shard in shards}
-        if len(widths) > 1:
-            raise FileFormatError(
-                f"{', '.join(paths)}: the shards' {VECTORS!r} differ in width "
-                f"({', '.join(f'{s.path}: {s.embeddings.width}' for s in shards)})"
-            )
-    except BaseException:
-        for shard in shards:
-            shard.file.close()
-        raise
-    return _Index(key, shards, ids, position, widths.pop())
+    widths = {}
+    for path in paths:
+        with _open_file(path) as file:
+            embeddings = Embeddings(path, file[VECTORS])
+            _check_ids_dataset(path, file[IDS], embeddings.rows)
+            shards.append(_Shard(path, len(ids), embeddings.rows))
+            widths[path] = embeddings.width
+            for batch in _id_batches(path, file[IDS]):
+                _add_ids(shards, ids, position, batch)
+    if len(set(widths.values())) > 1:
+        raise FileFormatError(
+            f"{', '.join(paths)}: the shards' {VECTORS!r} differ in width "
+            f"({', '.join(f'{path}: {width}' for path, width in widths.items())})"
+        )
+    return _Index(key, shards, ids, position, widths[paths[0]])
 
 
 def _open_file(path: str) -> h5py.File:
@@ -187,11 +181,11 @@ def _id_batches(path: str, ds: h5py.Dataset):
             long = next(i for i, s in enumerate(batch) if len(s) > MAX_ID_CHARS)
             raise FileFormatError(f"{path}: dataset {IDS!r}, row {start + long}: an id of "
                                   f"{len(batch[long])} characters; ids are at most {MAX_ID_CHARS}")
-        yield start, batch
+        yield batch
 
 
 def _add_ids(shards: list[_Shard], ids: list[str], position: dict[str, int],
-             batch_start: int, batch: list[str]) -> None:
+             batch: list[str]) -> None:
     first = len(ids)
     ids.extend(batch)
     position.update(zip(batch, range(first, first + len(batch))))
@@ -240,7 +234,7 @@ class H5Source:
         for shard, part, start in zip(self._index.shards, np.split(wanted, cuts),
                                       np.concatenate([[0], cuts])):
             if len(part):
-                shard.embeddings.read_rows(part - shard.start, vectors[start : start + len(part)])
+                _read_shard(shard, part - shard.start, vectors[start : start + len(part)])
         self._rows, self._vectors = wanted, vectors
 
     def fill(self, out: np.ndarray, rows: Sequence[int]) -> None:
@@ -249,3 +243,12 @@ class H5Source:
         if self._rows is None:
             raise RuntimeError("H5Source.fill before prepare")
         out[...] = self._vectors[np.searchsorted(self._rows, rows)]
+
+
+def _read_shard(shard: _Shard, rows: np.ndarray, out: np.ndarray) -> None:
+    with _open_file(shard.path) as file:
+        embeddings = Embeddings(shard.path, file[VECTORS])
+        if embeddings.rows != shard.rows:  # rewritten since this process read its ids
+            raise FileFormatError(f"{embeddings.where} changed while being read "
+                                  f"({shard.rows} rows, now {embeddings.rows})")
+        embeddings.read_rows(rows, out)
