@@ -18,7 +18,7 @@ from .errors import FileFormatError, UnsafeFileError
 
 MAX_WIDTH = 1 << 16  # ESM-2 3B: 2560
 MAX_CHUNK_BYTES = 16 << 20  # HDF5's default chunk cache is 1 MiB; h5py's chunks <= 1 MiB
-MIN_CHUNK_BYTES = 1 << 10  # below this a row is spread over too many chunks to read in time
+MIN_CHUNK_BYTES = 1 << 10  # or one row: smaller, a row spreads over too many chunks to read in time
 MAX_BAND_BYTES = 64 << 20  # one row of chunks, assembled to copy rows out of it
 SLAB_BYTES = 8 << 20  # one hyperslab read
 GAP_ROWS = 16  # unneeded rows read rather than start another slab
@@ -144,13 +144,13 @@ def check_embeddings(where: str, ds: h5py.Dataset) -> None:
                                   f"({name.decode(errors='replace')}); only gzip and shuffle "
                                   "are read")
     if ds.chunks is not None:
-        _check_chunks(where, ds.chunks, width, rows, filtered=bool(filters))
+        _check_chunks(where, ds.chunks, width, filtered=bool(filters))
 
 
-def _check_chunks(where: str, chunks: tuple[int, int], width: int, rows: int, *,
+def _check_chunks(where: str, chunks: tuple[int, int], width: int, *,
                   filtered: bool) -> None:
     size = chunks[0] * chunks[1] * 4
-    if size > MAX_CHUNK_BYTES or size < min(MIN_CHUNK_BYTES, rows * width * 4):
+    if size > MAX_CHUNK_BYTES or size < min(MIN_CHUNK_BYTES, width * 4):
         raise FileFormatError(f"{where}: chunks of {chunks[0]} x {chunks[1]} values; expected "
                               f"{MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES} bytes each")
     if filtered and chunks[0] * width * 4 > MAX_BAND_BYTES:
