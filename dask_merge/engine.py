@@ -66,6 +66,7 @@ from .formats import (
 from .merge import check_max_dropped
 from .partition import partition
 from .plan import RECORD_FOLDER, Checkpoint, Pair, checkpoint_state, find_pairs
+from .sources import ProteinSpec, is_h5, spec_paths
 from .tasks import (  # noqa: F401 (merge_one)
     Record, crashed, keep_read_buffers, merge_one, merge_pairs, pool_worker,
 )
@@ -396,7 +397,7 @@ class Plan:
 
 def plan(
     nucleotide_dir: str | os.PathLike[str],
-    protein_dir: str | os.PathLike[str] | None = None,
+    protein_dir: ProteinSpec | None = None,
     output_dir: str | os.PathLike[str] | None = None,
     *,
     label: str | int | None = None,
@@ -406,12 +407,16 @@ def plan(
     """Find the pairs and which of them are already merged.
 
     ``label`` and ``max_dropped`` are those of :func:`~dask_merge.merge_pair`.
+    ``protein_dir`` is the folder of the ``STEM_ESM.pt`` files, or the HDF5
+    file that VirNucPro v2 writes (``"esm/embeddings.h5"``), or a list of its
+    shards: each ``STEM_DNABERT_S.pt`` is then merged with its rows there
+    (see :func:`~dask_merge.find_pairs`).
 
     Raises
     ------
     ConfigurationError
-        A missing folder, an output folder that cannot be written, no pairs,
-        a bad label or ``max_dropped``.
+        A missing folder or HDF5 file, an output folder that cannot be
+        written, no pairs, a bad label or ``max_dropped``.
     """
     if type(force) is not bool:
         raise ConfigurationError(f"force must be True or False, not {force!r}")
@@ -423,6 +428,9 @@ def plan(
         raise ConfigurationError(str(err)) from None
     output_dir = os.fspath(output_dir if output_dir is not None else nucleotide_dir)
     if not found.pairs:
+        if protein_dir is not None and is_h5(protein_dir):
+            raise ConfigurationError(f"no pairs found: no STEM{NUCLEOTIDE_SUFFIX} in "
+                                     f"{os.fspath(nucleotide_dir)}")
         raise ConfigurationError(_no_pairs(os.fspath(nucleotide_dir),
                                            os.fspath(protein_dir or nucleotide_dir)))
     try:
@@ -474,7 +482,7 @@ def _by_checkpoint(pairs: list[Pair], labels: list[int] | None, *, force: bool =
 
 def run(
     nucleotide_dir: str | os.PathLike[str],
-    protein_dir: str | os.PathLike[str] | None = None,
+    protein_dir: ProteinSpec | None = None,
     output_dir: str | os.PathLike[str] | None = None,
     *,
     label: str | int | None = None,
@@ -563,7 +571,12 @@ def _input_bytes(pair: Pair) -> int:
     total = 0
     for path in (pair.nucleotide, pair.protein):
         with contextlib.suppress(OSError):
-            total += os.stat(path).st_size
+            if isinstance(path, str):
+                total += os.stat(path).st_size
+            else:
+                # From the HDF5 of the whole data set a pair reads its own rows: a
+                # 2560-float32 row (10 KB) per 768-pickled-float row (7 KB).
+                total += os.stat(pair.nucleotide).st_size
     return total
 
 
@@ -839,7 +852,7 @@ def _run_distributed(client, partitions, merge_args, *, retries, progress, perfo
     from distributed import performance_report as dask_report
 
     first = partitions[0][0]
-    missing = client.submit(_paths_visible, [first.nucleotide, first.protein,
+    missing = client.submit(_paths_visible, [first.nucleotide, *spec_paths(first.protein),
                                              os.path.dirname(first.output)], pure=False).result()
     if missing:
         raise ConfigurationError(

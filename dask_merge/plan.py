@@ -14,17 +14,22 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .formats import MERGED_SUFFIX, NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX, atomic_write, is_temporary
+from .sources import ProteinSpec, is_h5, spec_paths
 
 RECORD_FOLDER = ".dask-merge"
 """Where, inside the output folder, the checkpoint records live (one JSON per output)."""
 
 
 class Pair(NamedTuple):
-    """One unit of work: two input files and the output they make."""
+    """One unit of work: two inputs and the output they make.
+
+    ``protein`` is a ``STEM_ESM.pt``, or a tuple of the HDF5 file(s) that
+    hold the ESM-2 vectors of the whole data set (VirNucPro v2).
+    """
 
     name: str
     nucleotide: str
-    protein: str
+    protein: str | tuple[str, ...]
     output: str
 
 
@@ -60,10 +65,10 @@ def _stems(folder: str, suffix: str) -> dict[str, str]:
 
 def find_pairs(
     nucleotide_dir: str | os.PathLike[str],
-    protein_dir: str | os.PathLike[str] | None = None,
+    protein_dir: ProteinSpec | None = None,
     output_dir: str | os.PathLike[str] | None = None,
 ) -> FoundPairs:
-    """Pair ``STEM_DNABERT_S.pt`` with ``STEM_ESM.pt`` by stem.
+    """Pair ``STEM_DNABERT_S.pt`` with ``STEM_ESM.pt`` by stem, or with HDF5 file(s).
 
     Never by sorted position: a missing file would shift every later pair.
     Outputs are named ``output_dir/STEM_merged.pt``.
@@ -73,16 +78,21 @@ def find_pairs(
     nucleotide_dir
         Folder of the DNABERT-S files.
     protein_dir
-        Folder of the ESM-2 files; the nucleotide folder when omitted.
+        Folder of the ESM-2 files; the nucleotide folder when omitted.  Or
+        the HDF5 file of the whole data set (a path ending ``.h5``), or a
+        list of its shards: every DNABERT-S file is then paired with it.
     output_dir
         Folder of the merged files; the nucleotide folder when omitted.
 
     Raises
     ------
     FileNotFoundError
-        A folder does not exist, or is a file (the message names it).
+        A folder or HDF5 file does not exist, or is of the other kind (the
+        message names it).
     """
     nucleotide_dir = os.fspath(nucleotide_dir)
+    if protein_dir is not None and is_h5(protein_dir):
+        return _pairs_with_h5(nucleotide_dir, spec_paths(protein_dir), output_dir)
     protein_dir = os.fspath(protein_dir) if protein_dir is not None else nucleotide_dir
     output_dir = os.fspath(output_dir) if output_dir is not None else nucleotide_dir
     for folder in {nucleotide_dir, protein_dir}:
@@ -103,6 +113,25 @@ def find_pairs(
     return FoundPairs(pairs, unpaired)
 
 
+def _pairs_with_h5(nucleotide_dir: str, h5_files: tuple[str, ...],
+                   output_dir: str | os.PathLike[str] | None) -> FoundPairs:
+    """Every DNABERT-S file with the HDF5 file(s) of the whole data set."""
+    output_dir = os.fspath(output_dir) if output_dir is not None else nucleotide_dir
+    if not h5_files:
+        raise FileNotFoundError("no HDF5 file given for the protein side")
+    if not os.path.isdir(nucleotide_dir):
+        what = "is not a folder" if os.path.exists(nucleotide_dir) else "does not exist"
+        raise FileNotFoundError(f"input folder {nucleotide_dir} {what}")
+    for path in h5_files:
+        if not os.path.isfile(path):
+            what = "is not a file" if os.path.exists(path) else "does not exist"
+            raise FileNotFoundError(f"HDF5 file {path} {what}")
+    nucleotides = _stems(nucleotide_dir, NUCLEOTIDE_SUFFIX)
+    return FoundPairs([Pair(stem, nucleotides[stem], h5_files,
+                            os.path.join(output_dir, stem + MERGED_SUFFIX))
+                       for stem in sorted(nucleotides, key=_natural_key)], [])
+
+
 # --- checkpoints ------------------------------------------------------------------
 
 
@@ -115,12 +144,19 @@ def fingerprint(path: str | os.PathLike[str] | os.stat_result) -> dict[str, int]
     return {"size": found.st_size, "mtime_ns": found.st_mtime_ns}
 
 
-def input_fingerprints(pair: Pair) -> dict[str, dict[str, int]]:
+def input_fingerprints(pair: Pair) -> dict[str, dict]:
     """Fingerprints of a pair's inputs; take them *before* merging.
+
+    HDF5 files on the protein side are fingerprinted each, so that a
+    regenerated ``embeddings.h5`` makes every pair pending again.
 
     Raises ``OSError`` naming the file when an input has gone.
     """
-    return {"nucleotide": fingerprint(pair.nucleotide), "protein": fingerprint(pair.protein)}
+    if isinstance(pair.protein, str):
+        protein = fingerprint(pair.protein)
+    else:
+        protein = {"files": [fingerprint(path) for path in pair.protein]}
+    return {"nucleotide": fingerprint(pair.nucleotide), "protein": protein}
 
 
 def record_path(output: str) -> str:
