@@ -8,6 +8,7 @@ when interrupted.
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 import sys
@@ -40,7 +41,7 @@ def _exits_130_on_ctrl_c(command):
         try:
             command(**options)
         except KeyboardInterrupt:
-            _interrupted(options["nucleotide_dir"], options["protein_dir"], options["output_dir"],
+            _interrupted(options["nucleotide_dir"], _protein_side(options), options["output_dir"],
                          options["label"], started, forced=options["force"])
     return wrapper
 
@@ -71,6 +72,9 @@ def main() -> None:
               help="Folder of STEM_DNABERT_S.pt files.")
 @click.option("--protein-dir", type=click.Path(file_okay=False),
               help="Folder of STEM_ESM.pt files [default: the nucleotide folder].")
+@click.option("--protein-h5", multiple=True, metavar="FILE",
+              help="Instead of --protein-dir: the ESM-2 HDF5 file of VirNucPro v2 (embeddings.h5); "
+                   "repeat it, or give a quoted glob ('esm/shard_*.h5'), for shards.")
 @click.option("--output-dir", required=True, type=click.Path(file_okay=False),
               help="Folder for STEM_merged.pt files (created if missing).")
 @click.option("--scheduler", default="processes", show_default=True,
@@ -96,10 +100,13 @@ def main() -> None:
               help="Fail a pair (writing nothing) when more than this share of a file's ids "
                    "has no partner [default: merge, and warn above 0.1].")
 @_exits_130_on_ctrl_c
-def run_command(nucleotide_dir, protein_dir, output_dir, scheduler, scheduler_file, workers,
-                dashboard_address, label, force, dry_run, report_path, no_progress, retries,
-                partition_size, performance_report, max_dropped) -> None:
-    """Merge every pair of NUCLEOTIDE-DIR / PROTEIN-DIR into OUTPUT-DIR."""
+def run_command(nucleotide_dir, protein_dir, protein_h5, output_dir, scheduler, scheduler_file,
+                workers, dashboard_address, label, force, dry_run, report_path, no_progress,
+                retries, partition_size, performance_report, max_dropped) -> None:
+    """Merge every pair of NUCLEOTIDE-DIR / PROTEIN-DIR (or PROTEIN-H5) into OUTPUT-DIR."""
+    if protein_dir and protein_h5:
+        _fail("give --protein-dir or --protein-h5, not both")
+    protein = _protein_side({"protein_dir": protein_dir, "protein_h5": protein_h5})
     if scheduler == "processes" and not scheduler_file and not dry_run:
         _start_pool_early()
     from .engine import ConfigurationError, _check_options, plan
@@ -116,7 +123,7 @@ def run_command(nucleotide_dir, protein_dir, output_dir, scheduler, scheduler_fi
         if folder and not os.path.isdir(folder):
             _fail(f"cannot write {path}: folder {folder} does not exist")
     try:
-        the_plan = plan(nucleotide_dir, protein_dir, output_dir, label=label, force=force,
+        the_plan = plan(nucleotide_dir, protein, output_dir, label=label, force=force,
                         max_dropped=max_dropped)
     except ConfigurationError as err:
         _fail(str(err))
@@ -132,6 +139,23 @@ def run_command(nucleotide_dir, protein_dir, output_dir, scheduler, scheduler_fi
     except ConfigurationError as err:
         _fail(str(err))
     _finish(report, output_dir, report_path)
+
+
+def _protein_side(options: dict):
+    """``--protein-dir``, or the HDF5 files of ``--protein-h5`` with globs expanded.
+
+    A value naming no file is taken for a glob; one matching nothing stays
+    as given, for planning to report it missing.
+    """
+    if not options["protein_h5"]:
+        return options["protein_dir"]
+    from .plan import _natural_key
+
+    files = []
+    for given in options["protein_h5"]:
+        matches = [] if os.path.exists(given) else sorted(glob.glob(given), key=_natural_key)
+        files.extend(matches or [given])
+    return files
 
 
 def _start_pool_early() -> None:
@@ -210,23 +234,39 @@ def _finish(report: Report, output_dir: str, report_path: str | None) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--nucleotide-width", default=768, show_default=True, type=click.IntRange(min=1))
 @click.option("--protein-width", default=2560, show_default=True, type=click.IntRange(min=1))
-def sample(folder, pairs, rows, seed, nucleotide_width, protein_width) -> None:
+@click.option("--layout", type=click.Choice(["v1", "v2"]), default="v1", show_default=True,
+              help="v1: STEM_ESM.pt files; v2 (VirNucPro v2): DIR/embeddings.h5 instead.")
+@click.option("--shards", default=0, show_default=True, type=click.IntRange(min=0),
+              help="With --layout v2: write DIR/shard_0.h5 ... instead of embeddings.h5.")
+@click.option("--compression", type=click.Choice(["none", "gzip"]), default="none",
+              show_default=True, help="With --layout v2: of the HDF5 embeddings.")
+def sample(folder, pairs, rows, seed, nucleotide_width, protein_width, layout, shards,
+           compression) -> None:
     """Write realistic synthetic pairs in the upstream formats.
 
     Protein ids come in another order than nucleotide ids, a few ids are on
     one side only, and widths are DNABERT-S's and ESM-2 3B's by default.
     """
-    _write_sample(folder, pairs, rows, seed, nucleotide_width=nucleotide_width,
-                  protein_width=protein_width)
+    if layout == "v1" and (shards or compression != "none"):
+        _fail("--shards and --compression go with --layout v2")
+    h5 = {"shards": shards, "compression": None if compression == "none" else compression}
+    _write_sample(folder, pairs, rows, seed, h5=h5 if layout == "v2" else None,
+                  nucleotide_width=nucleotide_width, protein_width=protein_width)
 
 
-def _write_sample(folder, pairs, rows, seed, **widths) -> None:
-    from .testing import make_dataset
+def _write_sample(folder, pairs, rows, seed, *, h5: dict | None = None, **widths) -> None:
+    from .testing import make_dataset, make_h5_dataset
 
     with click.progressbar(length=pairs, label=f"writing {pairs} sample pairs",
                            file=sys.stderr) as bar:
-        make_dataset(folder, pairs=pairs, rows=rows, seed=seed,
-                     on_pair=lambda pair: bar.update(1), **widths)
+        if h5 is None:
+            make_dataset(folder, pairs=pairs, rows=rows, seed=seed,
+                         on_pair=lambda pair: bar.update(1), **widths)
+        else:
+            made = make_h5_dataset(folder, folder, pairs=pairs, rows=rows, seed=seed,
+                                   on_pair=lambda pair: bar.update(1), **h5, **widths)
+    if h5 is not None:
+        click.echo(f"ESM-2 vectors in {', '.join(map(str, made.files))}", err=True)
 
 
 @main.command()
