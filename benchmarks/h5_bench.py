@@ -1,0 +1,139 @@
+#!/usr/bin/env python
+"""VirNucPro v2: the fork's convert-then-merge path vs dask-merge straight from the HDF5.
+
+    python benchmarks/h5_bench.py                      # 20 chunks of 10,000 rows (200,000 sequences)
+    python benchmarks/h5_bench.py --chunks 4 --rows 2000 --repeat 1    # a quick look
+
+The data set is made once with ``dask-merge sample --layout v2`` under
+benchmarks/data/v2-CHUNKSxROWS/ (gitignored).  Each path runs as commands,
+timed from start to exit, while a sampler sums the RSS of the whole process
+tree (client plus workers) every 20 ms:
+
+fork      ``python -c fork_convert(...)``: every id and vector of embeddings.h5
+          into a dict of one tensor per sequence, ``torch.save`` of each
+          chunk's STEM_ESM.pt (dask_merge.testing.fork_convert); then
+          ``dask-merge run --protein-dir`` on 2 workers.
+dask      ``dask-merge run --protein-h5 embeddings.h5`` on 2 workers.
+
+Outputs of the two are compared byte for byte.  Results go to
+benchmarks/results/h5-*.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+
+
+def tree_rss(root: psutil.Process) -> int:
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:  # exited between listing and reading
+            pass
+    return total
+
+
+def timed(commands: list[list[str]]) -> tuple[float, int]:
+    """Run ``commands`` one after another; wall seconds and the peak RSS of each tree."""
+    peak, start = 0, time.perf_counter()
+    for command in commands:
+        proc = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        done = threading.Event()
+        peaks = [0]
+
+        def sample(proc=proc, done=done, peaks=peaks) -> None:
+            while not done.is_set():
+                peaks[0] = max(peaks[0], tree_rss(proc))
+                time.sleep(0.02)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        _, err = proc.communicate()
+        done.set()
+        sampler.join()
+        if proc.returncode:
+            sys.exit(f"{command[:3]} failed:\n{err.decode()[-2000:]}")
+        peak = max(peak, peaks[0])
+    return time.perf_counter() - start, peak
+
+
+def make_data(folder: Path, chunks: int, rows: int) -> None:
+    if (folder / "embeddings.h5").is_file():
+        return
+    subprocess.run([str(BIN / "dask-merge"), "sample", "--dir", str(folder), "--pairs", str(chunks),
+                    "--rows", str(rows), "--layout", "v2"], check=True)
+
+
+def fork(data: Path, out: Path, work: Path) -> list[list[str]]:
+    esm = work / "esm"
+    esm.mkdir(parents=True)
+    convert = (
+        "import sys; from pathlib import Path; from dask_merge.testing import fork_convert; "
+        "data = Path(sys.argv[1]); stems = sorted(p.name[:-len('_DNABERT_S.pt')] "
+        "for p in data.glob('*_DNABERT_S.pt')); "
+        # The fork knows each chunk's protein ids from its FASTA; here, free of charge.
+        "import h5py; ids = h5py.File(data / 'embeddings.h5')['sequence_ids'].asstr()[:]; "
+        "chunk = {s: [] for s in stems}; "
+        "[chunk[i.split('_seq_')[0].split('_orphan_')[0]].append(i) for i in ids]; "
+        "fork_convert([data / 'embeddings.h5'], chunk, sys.argv[2])"
+    )
+    return [[sys.executable, "-c", convert, str(data), str(esm)],
+            [str(BIN / "dask-merge"), "run", "--nucleotide-dir", str(data), "--protein-dir", str(esm),
+             "--output-dir", str(out), "--workers", "2", "--no-progress"]]
+
+
+def ours(data: Path, out: Path, work: Path) -> list[list[str]]:
+    return [[str(BIN / "dask-merge"), "run", "--nucleotide-dir", str(data), "--protein-h5",
+             str(data / "embeddings.h5"), "--output-dir", str(out), "--workers", "2", "--no-progress"]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--chunks", type=int, default=20)
+    parser.add_argument("--rows", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    data = HERE / "data" / f"v2-{args.chunks}x{args.rows}"
+    make_data(data, args.chunks, args.rows)
+    results: dict[str, list[tuple[float, int]]] = {"fork": [], "dask": []}
+    for i in range(args.repeat):
+        for name, commands in (("fork", fork), ("dask", ours)):  # alternating, side by side
+            work = HERE / "data" / f"v2-run-{name}"
+            shutil.rmtree(work, ignore_errors=True)
+            results[name].append(timed(commands(data, work / "merged", work)))
+            print(f"run {i + 1} {name}: {results[name][-1][0]:.1f} s, "
+                  f"{results[name][-1][1] / 2**20:.0f} MiB peak", flush=True)
+    names = sorted(p.name for p in (HERE / "data" / "v2-run-fork" / "merged").glob("*_merged.pt"))
+    same = names and all(filecmp.cmp(HERE / "data" / "v2-run-fork" / "merged" / n,
+                                     HERE / "data" / "v2-run-dask" / "merged" / n, shallow=False)
+                         for n in names)
+    summary = {name: {"seconds": statistics.median(t for t, _ in runs),
+                      "peak_mib": statistics.median(m for _, m in runs) / 2**20, "runs": runs}
+               for name, runs in results.items()}
+    summary["speedup"] = summary["fork"]["seconds"] / summary["dask"]["seconds"]
+    summary["memory_ratio"] = summary["dask"]["peak_mib"] / summary["fork"]["peak_mib"]
+    summary["identical_outputs"] = bool(same) and len(names) == args.chunks
+    summary["sequences"] = args.chunks * args.rows
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("fork", "dask")}, indent=1))
+    print({k: {m: round(v, 1) for m, v in summary[k].items() if m != "runs"} for k in ("fork", "dask")})
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / f"h5-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
