@@ -115,6 +115,8 @@ def test_notebook_runs_in_a_fresh_kernel(tmp_path):
     # Seven pairs of ~5 MB: one task each, however many threads the cluster has.
     assert_progress_widget_complete(nb, tasks=7)
     assert_rerun_skipped_all(nb)
+    v2 = text_of(tagged(nb, "v2"))
+    assert "merged 4, skipped 0, failed 0" in v2 and "convert-then-merge path: True" in v2, v2
     # The sample data set lives in a temporary folder it removes; nothing lands in the cwd.
     assert sorted(p.name for p in tmp_path.iterdir()) == [NOTEBOOK.name]
 
