@@ -133,7 +133,7 @@ def check_embeddings(where: str, ds: h5py.Dataset) -> None:
     if ds.ndim != 2 or ds.dtype.kind != "f" or ds.dtype.itemsize != 4:
         raise FileFormatError(f"{where} must be 2-D float32 (rows x width), "
                               f"found {ds.dtype} of shape {ds.shape}")
-    rows, width = ds.shape
+    width = ds.shape[1]
     if not 0 < width <= MAX_WIDTH:
         raise FileFormatError(f"{where}: width {width}; expected 1 to {MAX_WIDTH}")
     plist = ds.id.get_create_plist()
