@@ -40,7 +40,11 @@ BIN = Path(sys.executable).parent
 
 def tree_rss(root: psutil.Process) -> int:
     total = 0
-    for proc in [root, *root.children(recursive=True)]:
+    try:
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:  # a process of the tree exited while it was being listed
+        tree = [root]
+    for proc in tree:
         try:
             total += proc.memory_info().rss
         except psutil.Error:  # exited between listing and reading
