@@ -15,12 +15,7 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from .errors import FileFormatError, MergeError, MispairedError, OutputError, UnsafeFileError
 from .merge import MergeResult, merge_pair
-from .plan import Checkpoint, FoundPairs, Pair, checkpoint_state, find_pairs
-
-# Importing the submodule dask_merge.plan above bound the name `plan` to it;
-# `dask_merge.plan` is the engine's function (loaded on first use, below).
-# The submodule stays importable as always: `from dask_merge.plan import Pair`.
-globals().pop("plan", None)
+from .pairs import Checkpoint, FoundPairs, Pair, checkpoint_state, find_pairs
 
 if _TYPE_CHECKING:  # for type checkers and IDEs; at run time see __getattr__
     from .engine import ConfigurationError, Plan, Report, plan, run

@@ -149,7 +149,7 @@ def _protein_side(options: dict):
     """
     if not options["protein_h5"]:
         return options["protein_dir"]
-    from .plan import _natural_key
+    from .pairs import _natural_key
 
     files = []
     for given in options["protein_h5"]:

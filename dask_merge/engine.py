@@ -59,13 +59,11 @@ from dask.base import tokenize
 from dask.utils import parse_timedelta
 
 from ._worker_main import pool_context
-from .formats import (
-    MERGED_SUFFIX, NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX, atomic_write, label_value,
-    remove_stale_temporaries,
-)
+from .atomic import atomic_write, remove_stale_temporaries
+from .layouts import MERGED_SUFFIX, NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX, label_value
 from .merge import check_max_dropped
 from .partition import partition
-from .plan import RECORD_FOLDER, Checkpoint, Pair, checkpoint_state, find_pairs
+from .pairs import RECORD_FOLDER, Checkpoint, Pair, checkpoint_state, find_pairs
 from .sources import ProteinSpec, is_h5, spec_paths
 from .tasks import (  # noqa: F401 (merge_one)
     Record, crashed, keep_read_buffers, merge_one, merge_pairs, pool_worker,

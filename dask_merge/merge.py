@@ -16,7 +16,7 @@ import numpy as np
 
 from .archive import ArrayBlocks, short_repr
 from .errors import MispairedError, OutputError
-from .formats import label_value, read_features, write_merged
+from .layouts import label_value, read_features, write_merged
 from .sources import ProteinSpec, Source, open_protein, spec_paths
 
 EXAMPLES = 5  # how many dropped ids a result names

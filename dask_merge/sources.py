@@ -1,6 +1,6 @@
 """What a merge needs of one side of a pair, whatever holds its vectors.
 
-A *source* is a per-chunk ``.pt`` feature file (:class:`~dask_merge.formats.FeatureFile`)
+A *source* is a per-chunk ``.pt`` feature file (:class:`~dask_merge.layouts.FeatureFile`)
 or an HDF5 file of the whole data set (:class:`~dask_merge.h5source.H5Source`, its
 shards too).  :func:`~dask_merge.merge.join` takes two sources, so that another
 kind of file on either side is one more class with these few members, not a
@@ -71,6 +71,6 @@ def open_protein(spec: ProteinSpec) -> Source:
         from .h5source import open_h5  # h5py only where HDF5 is used
 
         return open_h5(spec_paths(spec))
-    from .formats import read_features
+    from .layouts import read_features
 
     return read_features(spec, "protein")

@@ -18,9 +18,9 @@ from dataclasses import asdict, dataclass, field
 
 from .archive import keep_read_buffers, reused_read_buffers
 from .errors import MergeError
-from .formats import grouped_folder_syncs
+from .atomic import grouped_folder_syncs
 from .merge import merge_pair
-from .plan import Pair, input_fingerprints, write_checkpoint
+from .pairs import Pair, input_fingerprints, write_checkpoint
 
 
 @dataclass

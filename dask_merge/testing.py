@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX
+from .layouts import NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX
 
 NUCLEOTIDE_WIDTH = 768  # DNABERT-S
 PROTEIN_WIDTH = 2560  # ESM-2 3B

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX
+from .layouts import NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX
 
 EMBEDDINGS_FILE = "embeddings.h5"
 SHARD_BATCH = 64  # rows a GPU embeds at a time: shards take them in turn

@@ -15,7 +15,7 @@ import torch
 
 import dask_merge
 from dask_merge.engine import TASK_NAME, Record, Report, _bag, _partitions, _start_pool
-from dask_merge.plan import Pair
+from dask_merge.pairs import Pair
 from dask_merge.testing import make_dataset, make_pair, reference_merge
 
 
@@ -360,7 +360,7 @@ def test_import_is_light_and_the_engine_loads_on_first_use():
         assert set(dask_merge.__all__) <= set(dir(dask_merge)), dir(dask_merge)
         assert callable(dask_merge.plan) and callable(dask_merge.run)  # not the submodule
         assert dask_merge.plan.__module__ == "dask_merge.engine" and "dask" in sys.modules
-        from dask_merge.plan import Pair  # the submodule is still there
+        from dask_merge.pairs import Pair  # the submodule is still there
         assert dask_merge.Pair is Pair and callable(dask_merge.plan)
         assert dask_merge.Record is dask_merge.engine.Record
         assert issubclass(dask_merge.ConfigurationError, ValueError)

@@ -25,8 +25,9 @@ from dask_merge import (
     OutputError,
     merge_pair,
 )
-from dask_merge import formats
-from dask_merge.formats import is_temporary, read_features, remove_stale_temporaries
+from dask_merge import atomic, layouts
+from dask_merge.atomic import is_temporary, remove_stale_temporaries
+from dask_merge.layouts import read_features
 from dask_merge.merge import EXAMPLES
 from dask_merge.testing import make_pair, reference_merge, write_nucleotide_file, write_protein_file
 
@@ -373,7 +374,7 @@ def test_a_failed_write_leaves_no_file_and_no_temporary(tmp_path, good, monkeypa
     out_dir.mkdir()
     out = out_dir / "good_merged.pt"
     seen = []
-    monkeypatch.setattr(formats, "write_archive", _failing_writer(formats.write_archive, seen, exc))
+    monkeypatch.setattr(layouts, "write_archive", _failing_writer(layouts.write_archive, seen, exc))
     with pytest.raises(error) as info:
         merge_pair(good.nucleotide, good.protein, out)
     assert seen and seen[0] > 0  # the failure came mid-write, with bytes on disk
@@ -388,8 +389,8 @@ def test_a_failed_rewrite_leaves_the_older_output_untouched(tmp_path, good, monk
     before = out.read_bytes()
     stat = out.stat()
     seen = []
-    monkeypatch.setattr(formats, "write_archive", _failing_writer(
-        formats.write_archive, seen, OSError(errno.EIO, "Input/output error")))
+    monkeypatch.setattr(layouts, "write_archive", _failing_writer(
+        layouts.write_archive, seen, OSError(errno.EIO, "Input/output error")))
     with pytest.raises(OutputError):
         merge_pair(good.nucleotide, good.protein, out, label="host")
     assert seen
@@ -407,7 +408,7 @@ def test_a_failed_rename_leaves_the_older_output_untouched(tmp_path, good, monke
     def replace(src, dst):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(formats.os, "replace", replace)
+    monkeypatch.setattr(atomic.os, "replace", replace)
     with pytest.raises(OutputError, match="Permission denied"):
         merge_pair(good.nucleotide, good.protein, out, label="host")
     monkeypatch.undo()
@@ -417,14 +418,14 @@ def test_a_failed_rename_leaves_the_older_output_untouched(tmp_path, good, monke
 
 def test_the_output_appears_only_when_complete(tmp_path, good, monkeypatch):
     out = tmp_path / "good_merged.pt"
-    real = formats.write_archive
+    real = layouts.write_archive
     observed = []
 
     def write_archive(file, obj, *, name="archive"):
         real(file, obj, name=name)
         observed.append((out.exists(), [n for n in files_in(tmp_path) if is_temporary(n)]))
 
-    monkeypatch.setattr(formats, "write_archive", write_archive)
+    monkeypatch.setattr(layouts, "write_archive", write_archive)
     merge_pair(good.nucleotide, good.protein, out)
     (exists, temporaries), = observed
     assert not exists and len(temporaries) == 1 and temporaries[0].startswith(".good_merged.pt")
@@ -475,7 +476,6 @@ def test_remove_stale_temporaries(tmp_path):
 def test_a_writer_whose_new_temporary_is_cleaned_away_starts_again(tmp_path, monkeypatch):
     # A cleaner can find a temporary in the instant between its creation and
     # its lock, and remove it as a dead writer's: the writer must notice.
-    from dask_merge import formats
 
     real_flock, raced = fcntl.flock, []
 
@@ -484,8 +484,8 @@ def test_a_writer_whose_new_temporary_is_cleaned_away_starts_again(tmp_path, mon
             raced.extend(remove_stale_temporaries(str(tmp_path)))
         return real_flock(fd, operation)
 
-    monkeypatch.setattr(formats.fcntl, "flock", flock_after_a_cleaner)
-    formats.atomic_write(str(tmp_path / "a.pt"), lambda f: f.write(b"complete"))
+    monkeypatch.setattr(atomic.fcntl, "flock", flock_after_a_cleaner)
+    atomic.atomic_write(str(tmp_path / "a.pt"), lambda f: f.write(b"complete"))
     assert len(raced) == 1 and is_temporary(os.path.basename(raced[0]))
     assert (tmp_path / "a.pt").read_bytes() == b"complete"
     assert files_in(tmp_path) == ["a.pt"]
@@ -678,46 +678,46 @@ def test_merge_pair_equals_the_reference_merge(case):
 
 def test_grouped_folder_syncs_sync_each_folder_once_at_the_end(tmp_path, monkeypatch):
     synced = []
-    monkeypatch.setattr(formats, "_fsync_folder", synced.append)
+    monkeypatch.setattr(atomic, "_fsync_folder", synced.append)
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    formats.atomic_write(str(a / "alone"), lambda f: f.write(b"1"))
+    atomic.atomic_write(str(a / "alone"), lambda f: f.write(b"1"))
     assert synced == [str(a)]  # outside a group: at once
     synced.clear()
-    with formats.grouped_folder_syncs():
+    with atomic.grouped_folder_syncs():
         for name in ("x", "y"):
-            formats.atomic_write(str(a / name), lambda f: f.write(b"1"))
-        with formats.grouped_folder_syncs():  # nested: the outer group syncs
-            formats.atomic_write(str(b / "z"), lambda f: f.write(b"1"))
+            atomic.atomic_write(str(a / name), lambda f: f.write(b"1"))
+        with atomic.grouped_folder_syncs():  # nested: the outer group syncs
+            atomic.atomic_write(str(b / "z"), lambda f: f.write(b"1"))
         assert synced == [] and (a / "x").exists() and (b / "z").exists()
     assert synced == [str(a), str(b)]
     synced.clear()
-    with pytest.raises(RuntimeError), formats.grouped_folder_syncs():  # synced on errors too
-        formats.atomic_write(str(a / "w"), lambda f: f.write(b"1"))
+    with pytest.raises(RuntimeError), atomic.grouped_folder_syncs():  # synced on errors too
+        atomic.atomic_write(str(a / "w"), lambda f: f.write(b"1"))
         raise RuntimeError
     assert synced == [str(a)]
 
 
 def test_only_durable_writes_are_fsynced(tmp_path, monkeypatch):
     flushed, synced = [], []
-    monkeypatch.setattr(formats.os, "fsync", flushed.append)
-    monkeypatch.setattr(formats, "_fsync_folder", synced.append)
-    formats.atomic_write(str(tmp_path / "record.json"), lambda f: f.write(b"{}"), durable=False)
+    monkeypatch.setattr(atomic.os, "fsync", flushed.append)
+    monkeypatch.setattr(atomic, "_fsync_folder", synced.append)
+    atomic.atomic_write(str(tmp_path / "record.json"), lambda f: f.write(b"{}"), durable=False)
     assert flushed == synced == [] and (tmp_path / "record.json").read_bytes() == b"{}"
-    formats.atomic_write(str(tmp_path / "output.pt"), lambda f: f.write(b"data"))
+    atomic.atomic_write(str(tmp_path / "output.pt"), lambda f: f.write(b"data"))
     assert len(flushed) == 1 and synced == [str(tmp_path)]
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise (macOS, Windows)")
 def test_big_durable_writes_go_to_the_disk_as_they_are_written(tmp_path, monkeypatch):
     advised = []
-    real = formats.os.posix_fadvise
+    real = atomic.os.posix_fadvise
 
     def spy(fd, offset, length, advice):
         advised.append((offset, length, advice))
         real(fd, offset, length, advice)
 
-    monkeypatch.setattr(formats.os, "posix_fadvise", spy)
+    monkeypatch.setattr(atomic.os, "posix_fadvise", spy)
     block = bytes(range(256)) * (1 << 14)  # 4 MiB
 
     def write(f):  # as zipfile does: a header, the data, then the header again
@@ -729,12 +729,12 @@ def test_big_durable_writes_go_to_the_disk_as_they_are_written(tmp_path, monkeyp
         f.seek(0, os.SEEK_END)
         f.write(b"tail")
 
-    formats.atomic_write(str(tmp_path / "big.pt"), write)
+    atomic.atomic_write(str(tmp_path / "big.pt"), write)
     assert (tmp_path / "big.pt").read_bytes() == b"h" * 100 + block * 5 + b"tail"
     # Each 8 MiB handed on once, in order, none twice; the rest is the fsync's.
     assert advised == [(0, 100 + 2 * len(block), os.POSIX_FADV_DONTNEED),
                        (100 + 2 * len(block), 2 * len(block), os.POSIX_FADV_DONTNEED)]
     advised.clear()
-    formats.atomic_write(str(tmp_path / "record.json"), write, durable=False)
-    formats.atomic_write(str(tmp_path / "small.pt"), lambda f: f.write(block))
+    atomic.atomic_write(str(tmp_path / "record.json"), write, durable=False)
+    atomic.atomic_write(str(tmp_path / "small.pt"), lambda f: f.write(block))
     assert advised == []  # not durable, or too small to bother

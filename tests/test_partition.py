@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import dask_merge
 from dask_merge.engine import TASK_NAME, _partitions, _run_order
 from dask_merge.partition import PAIR_OVERHEAD_BYTES, pair_cost, partition, task_share
-from dask_merge.plan import Pair
+from dask_merge.pairs import Pair
 from dask_merge.testing import make_pair
 
 TINY = 170_000  # a 10-row pair at the real widths

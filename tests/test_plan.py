@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from dask_merge import Checkpoint, Pair, checkpoint_state, find_pairs, merge_pair
-from dask_merge import archive, formats
-from dask_merge.formats import label_value
-from dask_merge.plan import RECORD_FOLDER, input_fingerprints, record_path, write_checkpoint
+from dask_merge import archive, atomic, layouts
+from dask_merge.layouts import label_value
+from dask_merge.pairs import RECORD_FOLDER, input_fingerprints, record_path, write_checkpoint
 from dask_merge.testing import make_pair
 
 
@@ -71,7 +71,7 @@ def test_ignores_temporaries_hidden_files_folders_and_outputs(tmp_path):
     touch(tmp_path, "a_DNABERT_S.pt.bak")
     (tmp_path / "e_ESM.pt").mkdir()
     # a temporary that atomic_write really makes, kept by a failed run
-    (tmp_path / f".a_merged.pt{formats._TEMPORARY_MARK}{'0f' * 16}").write_bytes(b"")
+    (tmp_path / f".a_merged.pt{atomic._TEMPORARY_MARK}{'0f' * 16}").write_bytes(b"")
     found = find_pairs(tmp_path)
     assert [p.name for p in found] == ["a"]
     assert found.unpaired == []
@@ -81,10 +81,10 @@ def test_a_stem_holding_the_temporary_mark_is_an_ordinary_pair(tmp_path):
     # Only the exact names atomic_write makes are temporaries: anything else
     # is the user's, to be paired (and never removed as debris).
     touch(tmp_path, "c.dask-merge-tmp-0123_DNABERT_S.pt"), touch(tmp_path, "c.dask-merge-tmp-0123_ESM.pt")
-    touch(tmp_path, f"d{formats._TEMPORARY_MARK}{'0f' * 16}_DNABERT_S.pt")
+    touch(tmp_path, f"d{atomic._TEMPORARY_MARK}{'0f' * 16}_DNABERT_S.pt")
     found = find_pairs(tmp_path)
     assert [p.name for p in found] == ["c.dask-merge-tmp-0123"]
-    assert found.unpaired == [str(tmp_path / f"d{formats._TEMPORARY_MARK}{'0f' * 16}_DNABERT_S.pt")]
+    assert found.unpaired == [str(tmp_path / f"d{atomic._TEMPORARY_MARK}{'0f' * 16}_DNABERT_S.pt")]
 
 
 def test_a_missing_folder_is_named(tmp_path):
@@ -248,13 +248,13 @@ def test_deciding_never_reads_a_tensor(pair, monkeypatch):
 
     monkeypatch.setattr(archive.TorchArchive, "open", classmethod(refuse))
     monkeypatch.setattr(archive.TorchArchive, "__init__", refuse)
-    monkeypatch.setattr(formats, "read_features", refuse)
+    monkeypatch.setattr(layouts, "read_features", refuse)
     assert checkpoint_state(pair) == Checkpoint(True, "up to date")
     os.utime(pair.nucleotide, ns=(0, 10**18))
     assert not checkpoint_state(pair).done
     assert checkpoint_state(pair, force=True) == Checkpoint(False, "forced")
     monkeypatch.undo()
-    with pytest.raises(formats.FileFormatError):
+    with pytest.raises(layouts.FileFormatError):
         archive.TorchArchive.open(pair.output)
 
 

@@ -42,8 +42,8 @@ import pytest
 import torch
 
 import dask_merge
-from dask_merge.formats import is_temporary
-from dask_merge.plan import RECORD_FOLDER, checkpoint_state
+from dask_merge.atomic import is_temporary
+from dask_merge.pairs import RECORD_FOLDER, checkpoint_state
 from dask_merge.testing import make_dataset, make_pair, reference_merge
 
 DISTINCT = 4  # distinct real-size pairs (2000 rows at DNABERT-S / ESM-2 3B widths)
@@ -189,7 +189,7 @@ def test_a_killed_writers_temporary_goes_at_once_a_live_ones_never(inputs, tmp_p
         # Locks its temporary, writes part of it and waits: a live writer.
         code = (
             "import sys, time\n"
-            "from dask_merge.formats import atomic_write\n"
+            "from dask_merge.atomic import atomic_write\n"
             "def write(f):\n"
             "    f.write(b'x' * 100_000); f.flush()\n"
             "    print('writing', flush=True); time.sleep(120)\n"

@@ -13,7 +13,8 @@ import stat
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .formats import MERGED_SUFFIX, NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX, atomic_write, is_temporary
+from .atomic import atomic_write, is_temporary
+from .layouts import MERGED_SUFFIX, NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX
 from .sources import ProteinSpec, is_h5, spec_paths
 
 RECORD_FOLDER = ".dask-merge"
