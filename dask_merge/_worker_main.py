@@ -18,7 +18,7 @@ Python 3.14 on) fork from it too.  Their workers are not named as ours
 script as multiprocessing always does.
 
 :func:`pool_context` starts that fork server.  It lives here, free of Dask,
-so that the command line can start the server before it imports the engine.
+so that the pool executor can start the server before it imports Dask.
 """
 
 from __future__ import annotations

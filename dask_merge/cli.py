@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from .engine import Report
+    from .report import Report
 
-# The engine (and with it distributed and dask.bag) is imported by the
-# commands, not here: `dask-merge --help` stays quick, and workers that are
-# spawned (on Windows; elsewhere they never run this script) need none of it.
+# The package is imported by the commands, not here: `dask-merge --help`
+# stays quick, and workers that are spawned (on Windows; elsewhere they never
+# run this script) need none of it.
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_INTERRUPTED = 1, 2, 130
 
@@ -107,17 +107,17 @@ def run_command(nucleotide_dir, protein_dir, protein_h5, output_dir, scheduler, 
     if protein_dir and protein_h5:
         _fail("give --protein-dir or --protein-h5, not both")
     protein = _protein_side({"protein_dir": protein_dir, "protein_h5": protein_h5})
-    if scheduler == "processes" and not scheduler_file and not dry_run:
-        _start_pool_early()
-    from .engine import ConfigurationError, _check_options, plan
+    from . import ConfigurationError, plan
+    from .executors import get_executor
 
     try:  # a typo'd scheduler fails before planning makes the output folder
-        _check_options(scheduler, None, scheduler_file, workers=workers, retries=retries,
-                       partition_size=partition_size, progress=not no_progress)
+        executor = get_executor(
+            scheduler, workers=workers, scheduler_file=scheduler_file,
+            dashboard_address=dashboard_address, progress=not no_progress, retries=retries,
+            partition_size=partition_size, performance_report=performance_report,
+        )
     except ConfigurationError as err:
         _fail(str(err))
-    if performance_report and scheduler in ("processes", "threads", "sync") and not scheduler_file:
-        _fail("--performance-report needs a cluster: --scheduler local, an address or --scheduler-file")
     for path in (report_path, performance_report):  # known before the work, not after it
         folder = os.path.dirname(os.path.abspath(path)) if path and path != "-" else None
         if folder and not os.path.isdir(folder):
@@ -131,11 +131,7 @@ def run_command(nucleotide_dir, protein_dir, protein_h5, output_dir, scheduler, 
     if dry_run:
         return
     try:
-        report = the_plan.execute(
-            scheduler, workers=workers, scheduler_file=scheduler_file,
-            dashboard_address=dashboard_address, progress=not no_progress, retries=retries,
-            partition_size=partition_size, performance_report=performance_report,
-        )
+        report = the_plan.execute(executor)
     except ConfigurationError as err:
         _fail(str(err))
     _finish(report, output_dir, report_path)
@@ -158,14 +154,6 @@ def _protein_side(options: dict):
     return files
 
 
-def _start_pool_early() -> None:
-    """Start the pool's fork server now: it imports numpy and Dask (~0.2 s of
-    one core) while this process imports the engine and plans, on another."""
-    from ._worker_main import pool_context
-
-    pool_context()
-
-
 def _print_plan(the_plan, *, verbose: bool) -> None:
     # The plan's counts are progress (stderr); a dry run's listing is its result (stdout).
     click.echo(f"dask-merge: {len(the_plan.pending)} pairs to merge, {len(the_plan.done)} "
@@ -180,10 +168,10 @@ def _print_plan(the_plan, *, verbose: bool) -> None:
 
 
 def _interrupted(nucleotide_dir, protein_dir, output_dir, label, started, *, forced: bool) -> None:
-    # Workers are stopped and temporaries removed by the engine; tell what is done.
+    # Workers are stopped and temporaries removed by the executor; tell what is done.
     again = "Run the same command again to resume."
     try:
-        from .engine import plan  # Ctrl-C may have broken off its import
+        from . import plan  # Ctrl-C may have broken off its import
 
         after = plan(nucleotide_dir, protein_dir, output_dir, label=label)
         if forced:  # the same command would merge every pair again
@@ -194,7 +182,7 @@ def _interrupted(nucleotide_dir, protein_dir, output_dir, label, started, *, for
             done = f"{len(after.done)} pairs are done, {len(after.pending)} left. "
     except (Exception, KeyboardInterrupt) as err:  # noqa: BLE001 (only to say what is done)
         # A folder gone; Ctrl-C again; or the Ctrl-C cut short the import of
-        # the engine or of Dask, whose half-made modules then fail in any way
+        # the package or of Dask, whose half-made modules then fail in any way
         # (AttributeError, NameError, ...).
         done = f"cannot tell what is done ({str(err) or 'interrupted again'}). "
     click.echo(f"\ndask-merge: interrupted after {time.perf_counter() - started:.1f} s; "
@@ -276,8 +264,7 @@ def _write_sample(folder, pairs, rows, seed, *, h5: dict | None = None, **widths
 @click.option("--rows", default=1000, show_default=True, type=click.IntRange(min=1))
 def demo(folder, pairs, rows) -> None:
     """Make a sample data set and merge it on the processes scheduler."""
-    _start_pool_early()
-    from .engine import plan
+    from . import plan
 
     inputs, outputs = Path(folder) / "features", Path(folder) / "merged"
     if not any(inputs.glob("*_ESM.pt")):

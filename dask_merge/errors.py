@@ -28,3 +28,7 @@ class MispairedError(MergeError):
 
 class OutputError(MergeError):
     """The merged file could not be written (full disk, read-only folder, ...)."""
+
+
+class ConfigurationError(ValueError):
+    """The run cannot start: a missing folder, no pairs, a bad scheduler, ..."""

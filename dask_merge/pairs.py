@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from .atomic import atomic_write, is_temporary
-from .layouts import MERGED_SUFFIX, NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX
+from .layouts import MERGED_SUFFIX, NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX, label_value
 from .sources import ProteinSpec, is_h5, spec_paths
 
 RECORD_FOLDER = ".dask-merge"
@@ -212,17 +212,33 @@ class Checkpoint(NamedTuple):
     reason: str
 
 
-def checkpoint_state(pair: Pair, *, labels: list[int] | None = None, force: bool = False) -> Checkpoint:
+def checkpoint_state(pair: Pair, *, label: str | int | None = None, force: bool = False,
+                     labels: list[int] | None = None) -> Checkpoint:
     """Decide from file metadata alone whether ``pair`` needs merging.
 
     Done when the output exists and its record says it was made from the
-    inputs as they are now (and with the same label).  An output without a
-    record, e.g. one that upstream wrote, counts as done too.
+    inputs as they are now (and with the same ``label``: ``"viral"``,
+    ``"host"``, an int or None, as :func:`~dask_merge.plan` takes it).  An
+    output without a record, e.g. one that upstream wrote, counts as done too.
+    ``labels`` is refused with a message that says what to pass instead.
+
+    >>> checkpoint_state(Pair("a", "a_DNABERT_S.pt", "a_ESM.pt", "nowhere/a_merged.pt"))
+    Checkpoint(done=False, reason='no output yet')
+    >>> checkpoint_state(Pair("a", "n", "p", "o"), labels=[1])
+    Traceback (most recent call last):
+    TypeError: checkpoint_state takes label='viral', 'host', an int or None, not labels=[1] (pass label=1)
     """
-    if labels is not None and not (type(labels) is list and all(type(v) is int for v in labels)):
-        # A label as given to plan() ('viral', 1) would never equal the record's [1].
-        raise TypeError(f"labels must be a list of ints, as label_value() gives, or None; "
-                        f"not {labels!r}")
+    if labels is not None:
+        instead = (f" (pass label={labels[0]!r})" if type(labels) is list and len(labels) == 1
+                   else "")
+        raise TypeError("checkpoint_state takes label='viral', 'host', an int or None, not "
+                        f"labels={labels!r}{instead}")
+    return labelled_checkpoint_state(pair, label_value(label), force=force)
+
+
+def labelled_checkpoint_state(pair: Pair, labels: list[int] | None, *, force: bool = False
+                              ) -> Checkpoint:
+    """:func:`checkpoint_state` with the label as stored: ``label_value(label)``."""
     if force:
         return Checkpoint(False, "forced")
     try:

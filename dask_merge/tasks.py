@@ -3,7 +3,7 @@
 This module imports the kernel and nothing of Dask, distributed or torch, so
 that a pool process of the ``processes`` scheduler holds numpy, the kernel
 and only the core of Dask that runs its tasks.
-:mod:`dask_merge.engine` schedules these functions; they are re-exported there.
+:mod:`dask_merge.executors` schedule these functions.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 from .archive import keep_read_buffers, reused_read_buffers
 from .errors import MergeError
@@ -23,12 +24,15 @@ from .merge import merge_pair
 from .pairs import Pair, input_fingerprints, write_checkpoint
 
 
+Status = Literal["merged", "skipped", "failed"]
+
+
 @dataclass
 class Record:
     """What happened to one pair: what the client gets back instead of tensors."""
 
     name: str
-    status: str  # "merged", "skipped" or "failed"
+    status: Status
     rows: int | None = None
     nucleotide_only: int | None = None
     protein_only: int | None = None

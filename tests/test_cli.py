@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from click.testing import CliRunner
 
 from dask_merge.cli import main
 from dask_merge.testing import reference_merge
+
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def invoke(*args: str):
@@ -160,7 +163,7 @@ def test_dry_run_prints_the_plan_and_merges_nothing(dataset, tmp_path):
     (["--nucleotide-dir", "{data}", "--output-dir", "{tmp}/out", "--scheduler", "tcp://127.0.0.1:1"],
      "cannot reach a Dask scheduler at tcp://127.0.0.1:1"),
     (["--nucleotide-dir", "{data}", "--output-dir", "{tmp}/out", "--performance-report", "p.html"],
-     "--performance-report needs a cluster"),
+     "a performance report needs a cluster"),
     (["--nucleotide-dir", "{data}", "--output-dir", "{tmp}/out", "--report", "{tmp}/nowhere/r.json"],
      "cannot write {tmp}/nowhere/r.json: folder {tmp}/nowhere does not exist"),
     (["--nucleotide-dir", "{data}", "--output-dir", "{tmp}/out", "--label", "9" * 30],
@@ -214,38 +217,32 @@ def test_demo_merges_a_sample_on_the_processes_scheduler(tmp_path):
     assert "merged 0, skipped 3, failed 0" in again.output
 
 
-# Run in a fresh interpreter: did the fork server start, and was it up before
-# the engine (and with it Dask) was imported?  _forkserver_pid is CPython's.
-_WATCH_THE_FORK_SERVER = """
-import json, sys
-from multiprocessing import forkserver
-from dask_merge.cli import main
-
-seen = {}
-
-class Watch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "dask_merge.engine":
-            seen["up_before_engine"] = forkserver._forkserver._forkserver_pid is not None
-
-sys.meta_path.insert(0, Watch())
-try:
-    main(sys.argv[1:])
-except SystemExit as end:
-    seen["exit"] = end.code
-seen["started"] = forkserver._forkserver._forkserver_pid is not None
-print(json.dumps(seen))
-"""
-
-
-@pytest.mark.parametrize("extra, started", [
-    ((), True), (("--dry-run",), False), (("--scheduler", "sync"), False)])
-def test_run_starts_the_pool_before_importing_the_engine(dataset, tmp_path, extra, started):
-    # Its imports (~0.2 s of one core) overlap the engine's import and the planning.
+def watch_the_fork_server(*args) -> dict:
+    """``dask-merge run ARGS`` in a fresh interpreter: what it started (tests/scripts)."""
     done = subprocess.run(
-        [sys.executable, "-c", _WATCH_THE_FORK_SERVER, "run", "--nucleotide-dir", str(dataset),
-         "--output-dir", str(tmp_path / "out"), "--no-progress", *extra],
+        [sys.executable, str(SCRIPTS / "watch_fork_server.py"), "run", "--no-progress", *args],
         capture_output=True, text=True, timeout=120, check=False)
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
-    assert seen == {"up_before_engine": started, "exit": 0, "started": started}, done.stderr
-    assert len(list((tmp_path / "out").glob("*_merged.pt"))) == (0 if "--dry-run" in extra else 6)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("extra, seen", [
+    ((), {"dask_up": True, "started": True}),
+    (("--dry-run",), {"started": False}),  # Dask is not even imported
+    (("--scheduler", "sync"), {"dask_up": False, "started": False})])
+def test_run_starts_the_pool_before_importing_dask(dataset, tmp_path, extra, seen):
+    # Its imports (~0.2 s of one core) overlap those of Dask.
+    out = tmp_path / "out"
+    found = watch_the_fork_server("--nucleotide-dir", str(dataset), "--output-dir", str(out), *extra)
+    assert {k: v for k, v in found.items() if k in ("dask_up", "started")} == seen
+    assert found["exit"] == 0
+    assert len(list(out.glob("*_merged.pt"))) == (0 if "--dry-run" in extra else 6)
+
+
+def test_a_rerun_with_nothing_pending_starts_nothing(dataset, tmp_path):
+    out = tmp_path / "out"
+    assert invoke("run", "--nucleotide-dir", dataset, "--output-dir", out,
+                  "--no-progress").exit_code == 0
+    found = watch_the_fork_server("--nucleotide-dir", str(dataset), "--output-dir", str(out))
+    # No fork server, no pool, no worker; not even Dask imported.
+    assert found == {"exit": 0, "started": False, "children": []}

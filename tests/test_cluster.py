@@ -20,7 +20,6 @@ import torch
 from dask.utils import key_split
 
 import dask_merge
-from dask_merge.engine import TASK_NAME
 from dask_merge.testing import make_dataset
 
 pytestmark = pytest.mark.cluster
@@ -196,7 +195,7 @@ def _tiny_pairs(folder: Path, pairs: int = 64) -> Path:
 
 
 def _merge_tasks(stream) -> set:
-    return {task["key"] for task in stream.data if key_split(task["key"]) == TASK_NAME}
+    return {task["key"] for task in stream.data if key_split(task["key"]) == "merge-pair"}
 
 
 def test_tasks_are_sized_by_the_threads_of_a_given_client(tmp_path):
@@ -235,10 +234,11 @@ def test_workers_of_a_run_keep_read_buffers_and_a_shared_cluster_s_do_not(cluste
     # serve others too: their buffers go with each task.
     from distributed import Client
 
-    from dask_merge.engine import _distributed_client
+    from dask_merge.executors import get_executor
 
-    with _distributed_client("local", None, None, 2, "127.0.0.1:0", 1) as client:
-        assert list(client.run(eval, _KEPT).values()) == [True, True]
+    local = get_executor("local", workers=2, dashboard_address="127.0.0.1:0")
+    with local.started() as session:
+        assert list(session.client.run(eval, _KEPT).values()) == [True, True]
     address, _ = cluster
     features = _tiny_pairs(tmp_path / "features")
     report = dask_merge.run(features, output_dir=tmp_path / "out", scheduler=address, progress=False)

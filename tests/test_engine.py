@@ -1,22 +1,27 @@
-"""The engine: planning, the checkpoint filter, records, every scheduler."""
+"""Planning, the checkpoint filter, records, every executor."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 import dask_merge
-from dask_merge.engine import TASK_NAME, Record, Report, _bag, _partitions, _start_pool
+from dask_merge import Record, Report
+from dask_merge.executors import _partitions
 from dask_merge.pairs import Pair
 from dask_merge.testing import make_dataset, make_pair, reference_merge
+
+SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def merged_outputs(folder) -> dict[str, dict]:
@@ -110,7 +115,7 @@ def test_force_and_a_changed_label_redo_pairs(dataset, tmp_path):
     dask_merge.run(dataset, output_dir=out, scheduler="sync", progress=False)
     relabelled = dask_merge.plan(dataset, output_dir=out, label="viral")
     assert len(relabelled.pending) == 6
-    state = dask_merge.checkpoint_state(relabelled.pending[0], labels=[1])
+    state = dask_merge.checkpoint_state(relabelled.pending[0], label="viral")
     assert not state.done and "label changed" in state.reason
     assert relabelled.execute("sync", progress=False).counts["merged"] == 6
     assert torch.load(out / "output_0_merged.pt")["labels"] == [1]
@@ -160,7 +165,7 @@ def test_the_client_receives_small_records_not_tensors(tmp_path):
         assert len(pickle.dumps(record)) < 2_000
 
 
-def test_tasks_are_named_for_the_dashboard_and_tiny_pairs_are_batched(tmp_path):
+def test_tiny_pairs_are_batched(tmp_path):
     pair = make_pair(tmp_path, "tiny", rows=2, nucleotide_width=2, protein_width=2)
     tiny = [Pair(f"p{i}", str(pair.nucleotide), str(pair.protein), f"o{i}") for i in range(400)]
     batches = _partitions(tiny, None, workers=2)
@@ -170,9 +175,6 @@ def test_tasks_are_named_for_the_dashboard_and_tiny_pairs_are_batched(tmp_path):
     pairs = [Pair(f"b{i}", str(big.nucleotide), str(big.protein), f"o{i}") for i in range(40)]
     assert {len(part) for part in _partitions(pairs, None, workers=2)} == {1}
     assert tiny[:7] in _partitions(tiny, 7, workers=2)
-
-    bag = _bag(batches, (None, None))
-    assert all(str(key[0]).startswith(f"{TASK_NAME}-") for key in bag.__dask_keys__())
 
 
 def test_the_pool_runs_merge_tasks_and_nothing_else(tmp_path):
@@ -187,7 +189,7 @@ def test_the_pool_runs_merge_tasks_and_nothing_else(tmp_path):
         report = dask_merge.run(tmp_path / "features", output_dir=tmp_path / "out",
                                 scheduler="processes", workers=2, progress=False)
     assert report.counts["merged"] == 6
-    assert keys and {key_split(key) for key in keys} == {TASK_NAME}, keys
+    assert keys and {key_split(key) for key in keys} == {"merge-pair"}, keys  # named for the dashboard
 
 
 def test_configuration_errors_name_the_path(tmp_path):
@@ -351,28 +353,31 @@ def test_html_reprs_are_escaped_valid_utf8_and_bounded(tmp_path):
     assert job._repr_html_().endswith("<p>... 3 more</p>")  # 1 pending + 202 without a partner
 
 
-def test_import_is_light_and_the_engine_loads_on_first_use():
-    """`import dask_merge` (what a pool worker needs) imports no Dask; the API is all there."""
-    code = """if True:
-        import sys, dask_merge
-        heavy = [m for m in ("dask", "distributed", "torch") if m in sys.modules]
-        assert not heavy, heavy
-        assert set(dask_merge.__all__) <= set(dir(dask_merge)), dir(dask_merge)
-        assert callable(dask_merge.plan) and callable(dask_merge.run)  # not the submodule
-        assert dask_merge.plan.__module__ == "dask_merge.engine" and "dask" in sys.modules
-        from dask_merge.pairs import Pair  # the submodule is still there
-        assert dask_merge.Pair is Pair and callable(dask_merge.plan)
-        assert dask_merge.Record is dask_merge.engine.Record
-        assert issubclass(dask_merge.ConfigurationError, ValueError)
-        try:
-            dask_merge.no_such_name
-        except AttributeError as err:
-            assert "no_such_name" in str(err)
-        else:
-            raise AssertionError("no AttributeError")
-    """
+def test_import_is_light():
+    """`import dask_merge` (what a pool worker needs) imports no Dask, distributed or torch."""
+    code = "import sys, json, dask_merge; print(json.dumps(sorted(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+    modules = json.loads(done.stdout)
+    assert not [m for m in modules if m.split(".")[0] in ("dask", "distributed", "torch")]
+
+
+def test_the_public_api_is_all_there():
+    assert set(dask_merge.__all__) <= set(dir(dask_merge))
+    assert callable(dask_merge.plan) and callable(dask_merge.run)
+    assert dask_merge.Plan.execute and dask_merge.Report and dask_merge.Record
+    assert issubclass(dask_merge.ConfigurationError, ValueError)
+    with pytest.raises(AttributeError, match="no_such_name"):
+        dask_merge.no_such_name  # noqa: B018
+
+
+def run_and_watch(tmp_path, features, scheduler: str) -> dict:
+    """``dask_merge.run`` in a fresh interpreter: what it did and started (tests/scripts)."""
+    done = subprocess.run(
+        [sys.executable, str(SCRIPTS / "run_and_watch.py"), str(features), str(tmp_path / "out"),
+         scheduler], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("scheduler", ["sync", "processes"])
@@ -380,61 +385,43 @@ def test_a_local_run_never_imports_distributed(tmp_path, scheduler):
     # Given a scheduler by name, dask.compute imports distributed to look for a
     # default client: 0.2 s of every run, in the parent.
     make_dataset(tmp_path / "features", pairs=2, rows=5, nucleotide_width=3, protein_width=4)
-    code = f"""if __name__ == "__main__":
-        import sys, dask_merge
-        report = dask_merge.run({str(tmp_path / "features")!r}, output_dir={str(tmp_path)!r},
-                                scheduler={scheduler!r}, workers=2, progress=False)
-        assert report.counts["merged"] == 2, report.summary()
-        assert "distributed" not in sys.modules, "distributed was imported"
-    """
-    script = tmp_path / "run.py"
-    script.write_text(code)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    seen = run_and_watch(tmp_path, tmp_path / "features", scheduler)
+    assert seen["counts"]["merged"] == 2
+    assert "distributed" not in seen["modules"] and "dask" in seen["modules"]
 
 
 @pytest.mark.parametrize("scheduler, started", [("processes", True), ("sync", False)])
-def test_run_starts_the_pool_before_planning(tmp_path, scheduler, started):
-    # The fork server's imports (~0.2 s of one core) overlap the planning.
+def test_run_starts_the_pool_before_importing_dask(tmp_path, scheduler, started):
+    # The fork server's imports (~0.2 s of one core) overlap those of Dask.
     make_dataset(tmp_path / "features", pairs=2, rows=5, nucleotide_width=3, protein_width=4)
-    code = f"""if __name__ == "__main__":
-        from multiprocessing import forkserver
-        import dask_merge
-        from dask_merge import engine
+    seen = run_and_watch(tmp_path, tmp_path / "features", scheduler)
+    assert seen["counts"]["merged"] == 2
+    assert (seen["dask_up"], seen["started"]) == (started, started)
 
-        seen, find_pairs = [], engine.find_pairs
-        def watched(*args, **kwargs):  # _forkserver_pid is CPython's
-            seen.append(forkserver._forkserver._forkserver_pid is not None)
-            return find_pairs(*args, **kwargs)
-        engine.find_pairs = watched
-        report = dask_merge.run({str(tmp_path / "features")!r}, output_dir={str(tmp_path)!r},
-                                scheduler={scheduler!r}, workers=2, progress=False)
-        assert report.counts["merged"] == 2, report.summary()
-        assert seen == [{started!r}], seen
+
+def test_a_run_with_nothing_pending_starts_nothing(tmp_path):
+    make_dataset(tmp_path / "features", pairs=2, rows=5, nucleotide_width=3, protein_width=4)
+    assert run_and_watch(tmp_path, tmp_path / "features", "processes")["counts"]["merged"] == 2
+    seen = run_and_watch(tmp_path, tmp_path / "features", "processes")
+    assert seen["counts"] == {"merged": 0, "skipped": 2, "failed": 0}
+    # No fork server, no pool, no worker; not even Dask imported.
+    assert seen["started"] is False and seen["children"] == [] and "dask_up" not in seen
+    assert "dask" not in seen["modules"]
+
+
+def _run_pipeline(tmp_path, script: str, how: str) -> tuple[dict, list[str]]:
+    """Run a copy of tests/scripts/``script`` as ``pipeline`` (``how``: by path, or with ``-m``).
+
+    Returns what it printed and the ids of the processes that ran it.
     """
-    script = tmp_path / "run.py"
-    script.write_text(code)
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+    shutil.copy(SCRIPTS / script, tmp_path / "pipeline.py")
+    command = [sys.executable, *(["pipeline.py"] if how == "path" else ["-m", "pipeline"])]
+    env = {**os.environ, "FEATURES": str(tmp_path / "features"), "OUT": str(tmp_path / "out"),
+           "RAN": str(tmp_path / "ran")}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120, check=False)
     assert done.returncode == 0, done.stderr
-
-
-def _run_pipeline(tmp_path, how: str, code: str) -> list[str]:
-    """Run ``code`` as a script (``how``: a path, or a module with ``-m``) in tmp_path.
-
-    The script first appends its process id to ``ran``, in every process
-    that runs it; returns those ids.
-    """
-    record = f"""import os
-with open({str(tmp_path / "ran")!r}, "a") as f:
-    f.write(f"{{os.getpid()}}\\n")
-"""
-    (tmp_path / "pipeline.py").write_text(record + code)
-    command = [sys.executable, *(["pipeline.py"] if how == "path" else ["-m", "pipeline"])]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          check=False)
-    assert done.returncode == 0, done.stderr
-    return (tmp_path / "ran").read_text().split()
+    return json.loads(done.stdout.strip().splitlines()[-1]), (tmp_path / "ran").read_text().split()
 
 
 @pytest.mark.parametrize("how", ["path", "module"])
@@ -444,20 +431,9 @@ def test_pool_workers_never_run_the_parents_script(tmp_path, how):
     # (as spawned ones do, and forked ones before Python 3.13) would import
     # torch each and start the run again inside themselves.
     make_dataset(tmp_path / "features", pairs=3, rows=5, nucleotide_width=3, protein_width=4)
-    code = f"""
-import torch
-import dask_merge
-from dask_merge.engine import _start_pool
-
-report = dask_merge.run({str(tmp_path / "features")!r}, output_dir={str(tmp_path / "out")!r},
-                        scheduler="processes", workers=2, progress=False)
-assert report.counts["merged"] == 3, report.summary()
-pool = _start_pool(1)
-modules = pool.submit(eval, "sorted(__import__('sys').modules)").result(timeout=60)
-pool.shutdown()
-assert "torch" not in modules and "dask_merge.tasks" in modules, modules
-"""
-    ran = _run_pipeline(tmp_path, how, code)
+    seen, ran = _run_pipeline(tmp_path, "pipeline_unguarded.py", how)
+    assert seen["counts"]["merged"] == 3
+    assert "torch" not in seen["modules"] and "dask_merge.tasks" in seen["modules"]
     assert len(ran) == 1, f"the script ran in {len(ran)} processes"
 
 
@@ -468,51 +444,34 @@ def test_the_parents_own_fork_server_pools_still_work(tmp_path, how):
     # Their workers must run the script as multiprocessing always does (its
     # functions, its top-level set-up) and keep Python's Ctrl-C handler; ours never run it.
     make_dataset(tmp_path / "features", pairs=2, rows=5, nucleotide_width=3, protein_width=4)
-    code = f"""
-import multiprocessing, signal
-import dask_merge
-
-def square(x):
-    return x * x
-
-def ctrl_c_as_usual(_):
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set())
-    return signal.getsignal(signal.SIGINT) is signal.default_int_handler and not blocked
-
-if __name__ == "__main__":
-    multiprocessing.set_forkserver_preload(["xml.dom.minidom"])  # added to, not replaced
-    report = dask_merge.run({str(tmp_path / "features")!r}, output_dir={str(tmp_path / "out")!r},
-                            scheduler="processes", workers=2, progress=False)
-    assert report.counts["merged"] == 2, report.summary()
-    with multiprocessing.get_context("forkserver").Pool(2) as pool:  # using no name of the script
-        workers = {{str(pool.apply(os.getpid)) for _ in range(8)}}
-        assert pool.apply(eval, ("'xml.dom.minidom' in __import__('sys').modules",))
-    ran = open({str(tmp_path / "ran")!r}).read().split()
-    # The parent, then each of the pool's two workers; none of dask_merge's.
-    assert ran[0] == str(os.getpid()) and len(ran) == 3 and workers <= set(ran[1:]), ran
-    with multiprocessing.get_context("forkserver").Pool(2) as pool:
-        assert pool.map(square, [1, 2, 3]) == [1, 4, 9]
-        assert pool.map(ctrl_c_as_usual, [0, 1]) == [True, True]
-"""
-    _run_pipeline(tmp_path, how, code)
+    seen, _ = _run_pipeline(tmp_path, "pipeline_own_pools.py", how)
+    ran = seen["ran"]  # after the pipeline's first pool
+    assert seen["counts"]["merged"] == 2
+    assert seen["preloaded"] is True  # the pipeline's preload is added to, not replaced
+    # The parent, then each of its own pool's two workers; none of dask_merge's.
+    assert ran[0] == str(seen["parent"]) and len(ran) == 3, ran
+    assert {str(pid) for pid in seen["workers"]} <= set(ran[1:]), (seen, ran)
+    assert seen["squares"] == [1, 4, 9] and seen["ctrl_c"] == [True, True]
 
 
 def test_pool_workers_import_neither_distributed_nor_torch(tmp_path):
     # The processes scheduler's children pay for what they import, once per
     # run: Dask's core and the kernel, not distributed or torch.
+    from concurrent.futures import ProcessPoolExecutor
+
+    from dask_merge._worker_main import pool_context
+    from dask_merge.tasks import merge_pairs, pool_worker
+
     make_dataset(tmp_path / "features", pairs=2, rows=5, nucleotide_width=3, protein_width=4)
     pairs = dask_merge.find_pairs(tmp_path / "features", output_dir=tmp_path).pairs
-    pool = _start_pool(1)
-    try:
-        bag = _bag([pairs], (None, None))
-        records = bag.compute(scheduler="processes", pool=pool, optimize_graph=False)
+    with ProcessPoolExecutor(1, mp_context=pool_context(), initializer=pool_worker,
+                             initargs=(1,)) as pool:  # a worker as the pool executor makes it
+        records = pool.submit(merge_pairs, pairs, None).result(timeout=60)
         # Ask the same worker, after a merge, what it has imported.
         modules = pool.submit(eval, "sorted(__import__('sys').modules)").result(timeout=60)
         # A pool worker lives for one run: it keeps its read buffers from task to task.
         kept = pool.submit(eval, "__import__('dask_merge.archive').archive._keep_buffers")
         assert kept.result(timeout=60) is True
-    finally:
-        pool.shutdown()
     assert [r.status for r in records] == ["merged", "merged"]
     assert "dask_merge.tasks" in modules and "numpy" in modules
     heavy = [m for m in modules if m.split(".")[0] in ("distributed", "torch", "bokeh", "pandas")]

@@ -1,4 +1,4 @@
-"""Tasks balanced by bytes: dask_merge.partition, and the engine's use of it."""
+"""Tasks balanced by bytes: dask_merge.partition, and the executors' use of it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dask_merge
-from dask_merge.engine import TASK_NAME, _partitions, _run_order
+from dask_merge.executors import TASK_NAME, _partitions, _run_order
 from dask_merge.partition import PAIR_OVERHEAD_BYTES, pair_cost, partition, task_share
 from dask_merge.pairs import Pair
 from dask_merge.testing import make_pair

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dask_merge import Checkpoint, Pair, checkpoint_state, find_pairs, merge_pair
@@ -171,7 +172,7 @@ def test_an_output_without_record_counts_as_done(pair):
     assert not os.path.exists(record_path(pair.output))
     state = checkpoint_state(pair)
     assert state.done and "no record" in state.reason
-    assert checkpoint_state(pair, labels=[1]).done  # nothing to compare the label with
+    assert checkpoint_state(pair, label=1).done  # nothing to compare the label with
 
 
 @pytest.mark.parametrize("kind", ["folder", "fifo", "symlink loop"])
@@ -185,12 +186,21 @@ def test_something_other_than_a_file_under_the_output_name_is_no_output(pair, ki
     assert checkpoint_state(pair) == Checkpoint(False, "no output yet (not a file under its name)")
 
 
-@pytest.mark.parametrize("labels", ["viral", 1, [True], ("1",)])
-def test_labels_must_be_given_as_they_are_recorded(pair, labels):
+@pytest.mark.parametrize("label", ["viral", "Viral", 1, "1", np.int64(1)])
+def test_a_label_is_given_as_plan_takes_it(pair, label):
     merge_with_record(pair, label="viral")
-    with pytest.raises(TypeError, match="labels must be a list of ints"):
-        checkpoint_state(pair, labels=labels)  # once answered "label changed"
-    assert checkpoint_state(pair, labels=[1]).done
+    assert checkpoint_state(pair, label=label).done
+    assert not checkpoint_state(pair, label="host").done
+
+
+@pytest.mark.parametrize("labels", ["viral", 1, [True], ("1",), [1]])
+def test_labels_is_refused_with_what_to_pass_instead(pair, labels):
+    # A label in another form than plan() takes once answered "label changed".
+    merge_with_record(pair, label="viral")
+    with pytest.raises(TypeError, match=r"checkpoint_state takes label='viral', 'host', an int or None"):
+        checkpoint_state(pair, labels=labels)
+    with pytest.raises(ValueError, match=r"label \[True\] is not"):
+        checkpoint_state(pair, label=[True])
 
 
 def test_force_makes_everything_pending(pair):
@@ -203,8 +213,8 @@ def test_force_makes_everything_pending(pair):
                                           (1, 2)])
 def test_a_changed_label_makes_the_pair_pending(pair, before, after):
     merge_with_record(pair, label=before)
-    assert checkpoint_state(pair, labels=label_value(before)).done
-    state = checkpoint_state(pair, labels=label_value(after))
+    assert checkpoint_state(pair, label=before).done
+    state = checkpoint_state(pair, label=after)
     assert not state.done and "label" in state.reason
 
 

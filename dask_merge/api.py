@@ -1,0 +1,283 @@
+"""Plan a run, then execute it: :func:`plan`, :class:`Plan`, :func:`run`.
+
+:func:`plan` finds the pairs and drops the checkpointed ones on the client,
+so they never occupy a worker; it stats files and opens none.
+:meth:`Plan.execute` hands the pending pairs to an executor
+(:mod:`dask_merge.executors`: a plain loop or threads, the process pool,
+a Dask cluster) and gathers one small record per pair into a
+:class:`~dask_merge.report.Report`.  Nothing here imports Dask: a run with
+nothing pending imports and starts nothing.
+
+>>> import dask_merge
+>>> job = dask_merge.plan("features/", output_dir="merged/")  # doctest: +SKIP
+>>> job  # doctest: +SKIP
+<Plan: 118 pending, 2 checkpointed, 0 without a partner -> merged/>
+>>> job.execute("processes", workers=4)  # doctest: +SKIP
+<Report: merged 117, skipped 2, failed 1 in 96.3 s on processes>
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+import time
+from dataclasses import dataclass
+
+from .atomic import remove_stale_temporaries
+from .errors import ConfigurationError
+from .executors import Executor, get_executor
+from .layouts import MERGED_SUFFIX, NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX, label_value
+from .merge import check_max_dropped
+from .pairs import RECORD_FOLDER, Checkpoint, Pair, find_pairs, labelled_checkpoint_state
+from .report import Report, _html, _html_table
+from .sources import ProteinSpec, is_h5
+from .tasks import Record
+
+
+@dataclass(repr=False)
+class Plan:
+    """The pairs to merge and those already done; :meth:`execute` runs it.
+
+    A plan is what was found when it was made.  :meth:`execute` checks the
+    pending pairs again (unless ``force``): those merged since, by an earlier
+    execute of this plan or by another run, are skipped; and a checkpointed
+    pair whose output has gone since is merged.
+
+    >>> pair = Pair("output_0", "in/output_0_DNABERT_S.pt", "in/output_0_ESM.pt",
+    ...             "out/output_0_merged.pt")
+    >>> Plan([pair], [], ["in/output_1_ESM.pt"], None, "out")
+    <Plan: 1 pending, 0 checkpointed, 1 without a partner -> out>
+    """
+
+    pending: list[Pair]
+    done: list[tuple[Pair, Checkpoint]]
+    unpaired: list[str]
+    labels: list[int] | None  # as stored in each output: label_value(label)
+    output_dir: str
+    force: bool = False
+    max_dropped: float | None = None
+
+    @property
+    def _merge_args(self) -> tuple:
+        """What each task passes to :func:`~dask_merge.tasks.merge_pairs` after its pairs."""
+        return self.labels, self.max_dropped
+
+    def execute(self, scheduler: str | Executor = "processes", **options) -> Report:
+        """Merge the pending pairs; return a :class:`~dask_merge.report.Report`.
+
+        Parameters
+        ----------
+        scheduler
+            ``processes``, ``threads``, ``sync``, ``local`` or the address of a
+            running Dask scheduler (ignored when ``client`` or
+            ``scheduler_file`` is given); or an executor made by
+            :func:`~dask_merge.executors.get_executor`, without options.
+        workers : int, optional
+            Worker processes (or threads) of the local schedulers and of a
+            ``local`` cluster; default: the number of cores.  On an existing
+            cluster (an address, ``scheduler_file`` or ``client``), tasks
+            are cut for the cluster's worker threads instead (this number
+            only when it has no workers yet).
+        scheduler_file : str, optional
+            The scheduler file of an existing cluster (dask-jobqueue, dask-mpi).
+        dashboard_address : str
+            Where a ``local`` cluster serves its dashboard (default
+            ``127.0.0.1:8787``); another free port is used when that one is taken.
+        progress : bool
+            Draw a progress bar (a widget in notebooks); default True.
+        retries : int
+            How often a pair whose worker died (or raised) is tried again
+            before it is reported failed; default 1.
+        partition_size : int, optional
+            Pairs per task; by default tasks of about equal input bytes
+            (see :func:`dask_merge.partition.partition`): one per pair for
+            large pairs, batches of up to about 32 MiB of input for tiny
+            ones, at least four tasks per worker thread, the biggest first.
+        performance_report : str, optional
+            On a cluster: write Dask's HTML performance report there.
+        client : distributed.Client, optional
+            An existing client to run on.
+
+        Raises
+        ------
+        ConfigurationError
+            An unknown scheduler or a bad option (before any work), an
+            unreachable cluster, workers that do not see the files.
+        """
+        if isinstance(scheduler, Executor):
+            if options:
+                raise ConfigurationError(f"options go to get_executor, not to execute with an "
+                                         f"executor: {', '.join(sorted(options))}")
+            executor = scheduler
+        else:
+            executor = get_executor(scheduler, **options)
+        pending, done = self._still_pending()
+        skipped = [Record(p.name, "skipped", reason=c.reason, output=p.output) for p, c in done]
+        start = time.perf_counter()
+        folders = {os.path.dirname(p.output) for p in pending}
+        folders |= {os.path.join(f, RECORD_FOLDER) for f in folders}  # and the records'
+        for folder in folders:
+            # A killed run's temporaries go now; one a live writer holds, never.
+            remove_stale_temporaries(folder)
+        records, dashboard = [], None
+        try:
+            if pending:  # else nothing starts: no pool, no fork server, no cluster
+                records, dashboard = executor.execute(pending, self._merge_args)
+        except KeyboardInterrupt:
+            # The pool or cluster is down by now; what its workers were
+            # writing is unlocked and can go at once.
+            for folder in folders:
+                remove_stale_temporaries(folder)
+            raise
+        for folder in folders:  # left by workers that died mid-write (and were retried)
+            remove_stale_temporaries(folder)
+        order = {p.name: i for i, p in enumerate(pending)}
+        records.sort(key=lambda r: order[r.name])
+        return Report(skipped + records, self.unpaired, time.perf_counter() - start,
+                      executor.name, dashboard)
+
+    def _still_pending(self) -> tuple[list[Pair], list[tuple[Pair, Checkpoint]]]:
+        if self.force:
+            return self.pending, self.done
+        # Those done at planning are checked again only if their output went
+        # (a stat each); reading every record twice would cost more.
+        gone = {p for p, _ in self.done if not os.path.isfile(p.output)}
+        pending, done = _by_checkpoint(self.pending + [p for p, _ in self.done if p in gone],
+                                       self.labels)
+        return pending, [(p, c) for p, c in self.done if p not in gone] + done
+
+    def __repr__(self) -> str:
+        return (f"<Plan: {len(self.pending)} pending, {len(self.done)} checkpointed, "
+                f"{len(self.unpaired)} without a partner -> {self.output_dir}>")
+
+    def _repr_html_(self) -> str:
+        rows = [(p.name, "pending", "") for p in self.pending]
+        rows += [(p.name, "checkpointed", c.reason) for p, c in self.done]
+        rows += [(os.path.basename(u), "no partner", u) for u in self.unpaired]
+        return _html_table(
+            f"<b>dask_merge plan</b>: {len(self.pending)} pending, {len(self.done)} checkpointed, "
+            f"{len(self.unpaired)} without a partner; outputs in {_html(self.output_dir)}",
+            ("pair", "state", "why"), rows)
+
+
+def plan(
+    nucleotide_dir: str | os.PathLike[str],
+    protein_dir: ProteinSpec | None = None,
+    output_dir: str | os.PathLike[str] | None = None,
+    *,
+    label: str | int | None = None,
+    force: bool = False,
+    max_dropped: float | None = None,
+) -> Plan:
+    """Find the pairs and which of them are already merged.
+
+    Parameters
+    ----------
+    nucleotide_dir, protein_dir, output_dir
+        As for :func:`~dask_merge.find_pairs`: ``protein_dir`` is the folder of
+        the ``STEM_ESM.pt`` files, or the HDF5 file that VirNucPro v2 writes
+        (``"esm/embeddings.h5"``), or a list of its shards; each
+        ``STEM_DNABERT_S.pt`` is then merged with its rows there.
+    label
+        The training label stored in each output: ``"viral"`` (1),
+        ``"host"`` (0), an int, or None for none.
+    force
+        Merge every pair again, checkpointed or not.
+    max_dropped
+        As for :func:`~dask_merge.merge_pair`.
+
+    Raises
+    ------
+    ConfigurationError
+        A missing folder or HDF5 file, an output folder that cannot be
+        written, no pairs, a bad label or ``max_dropped``.
+    """
+    if type(force) is not bool:
+        raise ConfigurationError(f"force must be True or False, not {force!r}")
+    try:
+        check_max_dropped(max_dropped)
+        labels = label_value(label)
+        found = find_pairs(nucleotide_dir, protein_dir, output_dir)
+    except (ValueError, FileNotFoundError) as err:
+        raise ConfigurationError(str(err)) from None
+    output_dir = os.fspath(output_dir if output_dir is not None else nucleotide_dir)
+    if not found.pairs:
+        if protein_dir is not None and is_h5(protein_dir):
+            raise ConfigurationError(f"no pairs found: no STEM{NUCLEOTIDE_SUFFIX} in "
+                                     f"{os.fspath(nucleotide_dir)}")
+        raise ConfigurationError(_no_pairs(os.fspath(nucleotide_dir),
+                                           os.fspath(protein_dir or nucleotide_dir)))
+    _check_output_folder(output_dir)
+    pending, done = _by_checkpoint(found.pairs, labels, force=force)
+    return Plan(pending, done, found.unpaired, labels, output_dir, force, max_dropped)
+
+
+def _no_pairs(nucleotide_dir: str, protein_dir: str) -> str:
+    """Why no pair was found, with what each folder holds instead."""
+    def holds(folder: str) -> str:
+        counts = {suffix: sum(1 for name in os.listdir(folder) if name.endswith(suffix)
+                              and not name.startswith("."))
+                  for suffix in (NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX, MERGED_SUFFIX)}
+        return f"{folder} holds " + ", ".join(f"{n} STEM{suffix}" for suffix, n in counts.items())
+
+    where = [holds(nucleotide_dir)] + ([holds(protein_dir)] if protein_dir != nucleotide_dir else [])
+    hint = ""
+    if (protein_dir != nucleotide_dir and not _has(nucleotide_dir, NUCLEOTIDE_SUFFIX)
+            and _has(nucleotide_dir, PROTEIN_SUFFIX) and _has(protein_dir, NUCLEOTIDE_SUFFIX)):
+        hint = "; were --nucleotide-dir and --protein-dir swapped?"
+    return (f"no pairs found: no STEM{NUCLEOTIDE_SUFFIX} in {nucleotide_dir} has a "
+            f"STEM{PROTEIN_SUFFIX} partner in {protein_dir} ({'; '.join(where)}){hint}")
+
+
+def _has(folder: str, suffix: str) -> bool:
+    return any(n.endswith(suffix) and not n.startswith(".") for n in os.listdir(folder))
+
+
+def _check_output_folder(output_dir: str) -> None:
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as err:
+        raise ConfigurationError(f"cannot create output folder {output_dir} ({err.strerror})") from None
+    if not os.access(output_dir, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"output folder {output_dir} is not writable")
+    records = os.path.join(output_dir, RECORD_FOLDER)
+    if os.path.lexists(records) and not os.path.isdir(records):
+        raise ConfigurationError(f"{records} is not a folder: the checkpoint records go there")
+
+
+def _by_checkpoint(pairs: list[Pair], labels: list[int] | None, *, force: bool = False
+                   ) -> tuple[list[Pair], list[tuple[Pair, Checkpoint]]]:
+    """The pairs to merge, and those done with why (see :func:`checkpoint_state`)."""
+    pending, done = [], []
+    for pair in pairs:
+        state = labelled_checkpoint_state(pair, labels, force=force)
+        if state.done:
+            done.append((pair, state))
+        else:
+            pending.append(pair)
+    return pending, done
+
+
+def run(
+    nucleotide_dir: str | os.PathLike[str],
+    protein_dir: ProteinSpec | None = None,
+    output_dir: str | os.PathLike[str] | None = None,
+    *,
+    label: str | int | None = None,
+    force: bool = False,
+    max_dropped: float | None = None,
+    **options,
+) -> Report:
+    """Plan and execute in one call: ``plan(...).execute(**options)``.
+
+    Unknown options and bad values fail before planning creates the output folder.
+    """
+    accepted = inspect.signature(get_executor).parameters
+    for name in options.keys() - accepted.keys():
+        close = difflib.get_close_matches(name, [*accepted, "label", "force", "max_dropped"], 1)
+        raise TypeError(f"run() got an unexpected option {name!r}"
+                        + (f"; did you mean {close[0]!r}?" if close else ""))
+    executor = get_executor(**options)
+    return plan(nucleotide_dir, protein_dir, output_dir, label=label, force=force,
+                max_dropped=max_dropped).execute(executor)
