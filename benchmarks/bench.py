@@ -295,18 +295,26 @@ def child_floor(nucleotide: str, protein: str, output: str) -> dict:
     }
 
 
+def _tasks(pending: list, partition_size: int | None, workers: int) -> int:
+    """How many tasks the engine cuts ``pending`` into (where this checkout keeps the cut)."""
+    try:
+        from dask_merge.executors import _partitions
+    except ImportError:  # a checkout from before the executors package, run as a baseline
+        from dask_merge.engine import _partitions
+    return len(_partitions(pending, partition_size, workers))
+
+
 def child_engine(folder: str, output: str, scheduler: str, workers: int,
                  partition_size: int | None, warm: bool = False) -> dict:
     import dataclasses
 
     import dask_merge
-    from dask_merge import engine
 
     planned = dask_merge.plan(folder, output_dir=output, force=True)
     if warm:  # as a second run in a notebook: the pool's fork server is up
         warm_up = dataclasses.replace(planned, pending=planned.pending[:workers])
         warm_up.execute(scheduler, workers=workers, progress=False)
-    tasks = len(engine._partitions(planned.pending, partition_size, workers))
+    tasks = _tasks(planned.pending, partition_size, workers)
     report = planned.execute(scheduler, workers=workers, progress=False,
                              partition_size=partition_size, dashboard_address="127.0.0.1:0")
     if not report.ok or report.counts["merged"] != len(planned.pending):
@@ -324,7 +332,6 @@ def child_engine(folder: str, output: str, scheduler: str, workers: int,
 def child_command(folder: str, output: str, scheduler: str, workers: int) -> dict:
     """``dask-merge run`` as a batch script runs it: timed from its start to its exit."""
     import dask_merge
-    from dask_merge import engine
 
     pairs = dask_merge.find_pairs(folder, output_dir=output).pairs
     command = [sys.executable, "-m", "dask_merge", "run", "--nucleotide-dir", folder,
@@ -336,7 +343,7 @@ def child_command(folder: str, output: str, scheduler: str, workers: int) -> dic
     if done.returncode:
         raise SystemExit(f"dask-merge run failed:\n{done.stderr[-3000:]}")
     return {"seconds": seconds, "pairs": len(pairs),
-            "tasks": len(engine._partitions(pairs, None, workers))}
+            "tasks": _tasks(pairs, None, workers)}
 
 
 def child_rerun(folder: str, output: str) -> dict:

@@ -9,7 +9,10 @@ import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 
-import torch  # noqa: F401 (what workers must not pay for)
+try:
+    import torch  # noqa: F401 (what workers must not pay for)
+except ImportError:  # a Python without torch: the script's side effects still show
+    pass
 
 import dask_merge
 from dask_merge._worker_main import pool_context
