@@ -11,6 +11,8 @@ import pytest
 
 from dask_merge.testing import make_dataset
 
+collect_ignore = ["scripts"]  # run as subprocesses by the tests, not collected
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "data"  # real upstream files; see its README for their source
 REFERENCE_SETS = ["test_with_orfs", "test_fixed_500bp"]
