@@ -26,9 +26,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from .archive import ArrayBlocks, FloatRun, TensorRef, TorchArchive, short_repr, write_archive
 from .atomic import atomic_write
 from .errors import FileFormatError
+from .torchfile import ArrayBlocks, FloatRun, TensorRef, TorchArchive, short_repr, write_archive
 
 NUCLEOTIDE_SUFFIX = "_DNABERT_S.pt"
 PROTEIN_SUFFIX = "_ESM.pt"

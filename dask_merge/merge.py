@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .archive import ArrayBlocks, short_repr
 from .errors import MispairedError, OutputError
 from .layouts import label_value, read_features, write_merged
 from .sources import ProteinSpec, Source, open_protein, spec_paths
+from .torchfile import ArrayBlocks, short_repr
 
 EXAMPLES = 5  # how many dropped ids a result names
 BLOCK_BYTES = 4 << 20  # output rows are assembled and written in blocks of this size

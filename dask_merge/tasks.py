@@ -17,11 +17,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from .archive import keep_read_buffers, reused_read_buffers
 from .errors import MergeError
 from .atomic import grouped_folder_syncs
 from .merge import merge_pair
 from .pairs import Pair, input_fingerprints, write_checkpoint
+from .torchfile import keep_read_buffers, reused_read_buffers
 
 
 Status = Literal["merged", "skipped", "failed"]

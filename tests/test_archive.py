@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from dask_merge import archive, merge_pair
-from dask_merge.archive import FloatRun, TensorRef, TorchArchive, write_archive
-from dask_merge.errors import FileFormatError
+from dask_merge import merge_pair
+from dask_merge.torchfile import (
+    ArrayBlocks, FloatRun, TensorRef, TorchArchive, reused_read_buffers, write_archive, writer, zipdir,
+)
+from dask_merge.torchfile.unpickler import Unpickler
+from dask_merge.errors import FileFormatError, UnsafeFileError
 
 DTYPES = [np.float32, np.float64, np.float16, np.int64, np.int32, np.int16, np.int8, np.uint8, np.bool_]
 
@@ -65,12 +68,12 @@ def test_write_archive_round_trip_through_torch_load(tmp_path, mmap):
 
 def test_write_archive_takes_an_array_in_blocks(tmp_path):
     whole = _sample(np.float32, (7, 3))
-    blocks = archive.ArrayBlocks(whole.shape, whole.dtype, (whole[i : i + 3] for i in range(0, 7, 3)))
+    blocks = ArrayBlocks(whole.shape, whole.dtype, (whole[i : i + 3] for i in range(0, 7, 3)))
     _write(tmp_path / "whole.pt", {"data": whole}, name="x")
     _write(tmp_path / "blocks.pt", {"data": blocks}, name="x")
     assert (tmp_path / "whole.pt").read_bytes() == (tmp_path / "blocks.pt").read_bytes()
     assert torch.equal(torch.load(tmp_path / "blocks.pt")["data"], torch.from_numpy(whole))
-    short = archive.ArrayBlocks(whole.shape, whole.dtype, iter([whole[:6]]))
+    short = ArrayBlocks(whole.shape, whole.dtype, iter([whole[:6]]))
     with pytest.raises(ValueError, match="72 bytes given for an array of 84"):
         _write(tmp_path / "short.pt", {"data": short})
 
@@ -78,7 +81,7 @@ def test_write_archive_takes_an_array_in_blocks(tmp_path):
 def test_small_archives_zipped_in_memory_are_the_same_bytes(tmp_path, monkeypatch):
     obj = {"ids": ["a", "ü"], "data": _sample(np.float32, (2, 300)), "labels": [1, 0]}
     _write(tmp_path / "memory.pt", obj, name="x")
-    monkeypatch.setattr(archive, "SMALL_ARCHIVE", 0)  # straight to the file, as large ones go
+    monkeypatch.setattr(writer, "SMALL_ARCHIVE", 0)  # straight to the file, as large ones go
     _write(tmp_path / "direct.pt", obj, name="x")
     assert (tmp_path / "memory.pt").read_bytes() == (tmp_path / "direct.pt").read_bytes()
     assert torch.equal(torch.load(tmp_path / "memory.pt")["data"], torch.from_numpy(obj["data"]))
@@ -244,7 +247,7 @@ from dask_merge.testing import make_pair  # noqa: E402
 def _load(path_or_archive, *, fast: bool, monkeypatch=None):
     """Load with the record fast paths on, or off (opcodes one by one); count their hits."""
     taken = {"tensor": 0, "row": 0}
-    real = {"tensor": archive._Unpickler._tensor_record, "row": archive._Unpickler._row_record}
+    real = {"tensor": Unpickler._tensor_record, "row": Unpickler._row_record}
 
     def counting(kind):
         def record(self, *args):
@@ -254,8 +257,8 @@ def _load(path_or_archive, *, fast: bool, monkeypatch=None):
         return record
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(archive._Unpickler, "_tensor_record", counting("tensor"))
-        patch.setattr(archive._Unpickler, "_row_record", counting("row"))
+        patch.setattr(Unpickler, "_tensor_record", counting("tensor"))
+        patch.setattr(Unpickler, "_row_record", counting("row"))
         source = path_or_archive
         if not isinstance(source, TorchArchive):
             source = TorchArchive.open(source)
@@ -306,7 +309,7 @@ def test_a_record_whose_memo_get_names_another_global_is_refused_as_by_the_opcod
     forged = TorchArchive(bytes(raw), pair.protein)
     (error, message), taken = _load(forged, fast=True)
     assert (error, message) == _load(forged, fast=False)[0]
-    assert error is archive.UnsafeFileError and "storage type" in message and taken["tensor"] == 0
+    assert error is UnsafeFileError and "storage type" in message and taken["tensor"] == 0
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -350,7 +353,7 @@ def _same(a, b, seen=None) -> bool:
 
 
 def _zipfile_view(raw: bytes) -> dict[str, tuple[int, int, int]]:
-    """What zipfile makes of an archive, in _zip_entries' terms."""
+    """What zipfile makes of an archive, in zip_entries' terms."""
     entries = {}
     with zipfile.ZipFile(io.BytesIO(raw)) as z:
         for info in z.infolist():
@@ -374,7 +377,7 @@ def test_zip_directory_reads_like_zipfile(tmp_path, monkeypatch, zip64):
     central = [m.start() for m in re.finditer(rb"PK\x01\x02", raw)]
     wide = [struct.unpack_from("<L", raw, c + 42)[0] == 0xFFFFFFFF for c in central[1:]]
     assert wide and all(wide) == zip64 and any(wide) == zip64
-    assert archive._zip_entries(raw) == _zipfile_view(raw)
+    assert zipdir.zip_entries(raw) == _zipfile_view(raw)
     loaded = TorchArchive(raw, "mem").load()
     assert [TorchArchive(raw, "mem").array(r).tolist() for r in loaded["data"]][3] == (
         _sample(np.float32, (5,), 3).tolist()
@@ -442,11 +445,12 @@ def test_merges_through_reused_read_buffers_write_the_same_bytes(tmp_path):
     for pair in pairs:
         merge_pair(pair.nucleotide, pair.protein, tmp_path / "plain" / f"{pair.stem}.pt")
     buffers = []
-    with archive.reused_read_buffers():
+    with reused_read_buffers() as pool:
         for pair in pairs:
             merge_pair(pair.nucleotide, pair.protein, tmp_path / "reused" / f"{pair.stem}.pt")
-            buffers.append(archive._read_buffers.pool["protein"])
-    assert archive._read_buffers.pool is None  # released with the block
+            buffers.append(pool.buffers()["protein"])
+    with reused_read_buffers() as other:  # released with the block: the next one is fresh
+        assert other is not pool and other.buffers() == {}
     assert buffers[1] is buffers[0] and buffers[2] is not buffers[1]  # kept, then outgrown
     for pair in pairs:
         plain = (tmp_path / "plain" / f"{pair.stem}.pt").read_bytes()
@@ -464,9 +468,9 @@ def test_an_input_longer_than_its_size_is_read_whole(tmp_path):
         with open(fifo, "wb") as f:
             f.write(content)
 
-    writer = threading.Thread(target=feed)
-    writer.start()
-    with archive.reused_read_buffers():
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    with reused_read_buffers():
         piped = TorchArchive.open(fifo, slot="nucleotide").load()
-    writer.join(timeout=30)
+    feeder.join(timeout=30)
     assert piped == TorchArchive.open(pair.nucleotide).load()

@@ -225,7 +225,7 @@ def test_tasks_are_sized_by_the_threads_of_a_cluster_reached_by_address(cluster,
     assert len(_merge_tasks(stream)) == 4 * threads
 
 
-_KEPT = "__import__('dask_merge.archive').archive._keep_buffers"
+_KEPT = "__import__('dask_merge.torchfile').torchfile.worker_read_buffers() is not None"
 
 
 def test_workers_of_a_run_keep_read_buffers_and_a_shared_cluster_s_do_not(cluster, tmp_path):

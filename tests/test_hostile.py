@@ -23,9 +23,9 @@ import pytest
 import torch
 
 from dask_merge import FileFormatError, MergeError, UnsafeFileError, merge_pair
-from dask_merge.archive import TorchArchive
 from dask_merge.layouts import read_features
 from dask_merge.testing import write_nucleotide_file, write_protein_file
+from dask_merge.torchfile import TorchArchive
 
 # --- crafting -----------------------------------------------------------------
 

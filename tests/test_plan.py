@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from dask_merge import Checkpoint, Pair, checkpoint_state, find_pairs, merge_pair
-from dask_merge import archive, atomic, layouts
+from dask_merge import atomic, layouts
+from dask_merge.torchfile import TorchArchive
 from dask_merge.layouts import label_value
 from dask_merge.pairs import RECORD_FOLDER, input_fingerprints, record_path, write_checkpoint
 from dask_merge.testing import make_pair
@@ -256,8 +257,8 @@ def test_deciding_never_reads_a_tensor(pair, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("checkpoint_state read a feature file")
 
-    monkeypatch.setattr(archive.TorchArchive, "open", classmethod(refuse))
-    monkeypatch.setattr(archive.TorchArchive, "__init__", refuse)
+    monkeypatch.setattr(TorchArchive, "open", classmethod(refuse))
+    monkeypatch.setattr(TorchArchive, "__init__", refuse)
     monkeypatch.setattr(layouts, "read_features", refuse)
     assert checkpoint_state(pair) == Checkpoint(True, "up to date")
     os.utime(pair.nucleotide, ns=(0, 10**18))
@@ -265,7 +266,7 @@ def test_deciding_never_reads_a_tensor(pair, monkeypatch):
     assert checkpoint_state(pair, force=True) == Checkpoint(False, "forced")
     monkeypatch.undo()
     with pytest.raises(layouts.FileFormatError):
-        archive.TorchArchive.open(pair.output)
+        TorchArchive.open(pair.output)
 
 
 def test_an_output_replaced_after_its_record_counts_as_done(pair):

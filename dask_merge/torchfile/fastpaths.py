@@ -1,0 +1,193 @@
+"""The unpickler's fast paths: whole records of torch's pickles matched at once.
+
+A 10,000-row file repeats one record per row.  After the first, each is
+matched by one regular expression (or, for a run of floats, measured with
+numpy) instead of some 30 opcode steps.  Every fast path has exactly the
+effect the opcodes would have, or returns None and lets them run.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+
+import numpy as np
+
+from ..errors import FileFormatError
+from .refs import ORDERED_DICT, STORAGE_DTYPES, FloatRun, Global, StorageRef, TensorRef
+
+# Opcodes, as the integers that indexing a bytes object gives.
+APPENDS = ord("e")
+
+
+def _float_run_length(ops: np.ndarray) -> int:
+    """Count the leading 'G' opcodes in ``ops`` (every 9th byte from a 'G').
+
+    In growing steps, so that a short run costs little: a forged file may hold
+    millions of them.
+    """
+    start, step = 0, 16
+    while start < len(ops):
+        other = np.flatnonzero(ops[start : start + step] != 0x47)
+        if other.size:
+            return start + int(other[0])
+        start, step = start + step, step * 2
+    return len(ops)
+
+
+# A tensor record of a protocol 2 pickle after the first, from the opcode
+# after the rebuilder's memo get (see Unpickler._tensor_record):
+#   ((storage, FloatStorage, KEY, cpu, NUMEL) BINPERSID, OFFSET, (SIZE,),
+#   (STRIDE,), False, OrderedDict()) REDUCE
+_GET, _PUT, _INT = rb"(h.|j.{4})", rb"(q.|r.{4})", rb"(K.|M..|J.{4})"
+_TENSOR_RECORD = re.compile(
+    rb"\(\(" + _GET + _GET + rb"X([\x01-\x14])\x00\x00\x00([0-9]+)" + _PUT + _GET + _INT
+    + rb"t" + _PUT + rb"Q" + _INT + _INT + rb"\x85" + _PUT + _INT + rb"\x85" + _PUT
+    + rb"\x89" + _GET + rb"\)R" + _PUT + rb"t" + _PUT + rb"R" + _PUT,
+    re.DOTALL,
+)
+
+
+# A DNABERT-S row after the first, from the opcode after its EMPTY_DICT up
+# to its first float: {label: ID, mean_representation: [...]}
+_ROW_RECORD = re.compile(_PUT + rb"\(" + _GET + _GET + _GET + rb"\]" + _PUT + rb"\(G", re.DOTALL)
+
+
+def _get_index(raw: bytes) -> int:
+    """The memo index of a BINGET, LONG_BINGET, BINPUT or LONG_BINPUT."""
+    return raw[1] if len(raw) == 2 else int.from_bytes(raw[1:], "little")
+
+
+def _small_int(raw: bytes) -> int:
+    """The value of a BININT1, BININT2 (unsigned) or BININT (signed)."""
+    return int.from_bytes(raw[1:], "little", signed=raw[0] == 0x4A)
+
+
+_SHORT_PUTS, _LONG_PUTS = struct.Struct("<" + "xB" * 7), struct.Struct("<" + "xI" * 7)
+
+
+def _put_indices(puts: bytes) -> tuple[int, ...]:
+    r"""The memo indices of seven BINPUTs or seven LONG_BINPUTs, concatenated.
+
+    >>> _put_indices(b"q\x07" * 7), _put_indices(b"r\x08\x00\x00\x00" * 7)[:2]
+    ((7, 7, 7, 7, 7, 7, 7), (8, 8))
+    >>> _put_indices(b"q\x07" * 6 + b"r\x08\x00\x00\x00")  # mixed: not a record
+    ()
+    """
+    if len(puts) == _LONG_PUTS.size:
+        return _LONG_PUTS.unpack(puts)
+    if len(puts) == _SHORT_PUTS.size:
+        return _SHORT_PUTS.unpack(puts)
+    return ()
+
+
+class RecordFastPaths:
+    """The fast paths, as methods of :class:`~dask_merge.torchfile.unpickler.Unpickler`."""
+
+    def _float_run(self, begin: int) -> tuple[FloatRun | None, int]:
+        """The run of BINFLOATs at ``begin`` and where it ends.
+
+        A run that fills a list (APPENDS follows) comes back as a
+        :class:`FloatRun`, decoded later in one go; any other as None.
+        """
+        data, n = self.data, self.end
+        end = begin + 9 * self._run_hint
+        # Rows of one file share a width: try the last run's first.
+        if end < n and data[end] == APPENDS and data[begin:end:9] == self._run_ops:
+            run = self._run_hint
+        else:
+            if begin + 9 < n and data[begin + 9] != 0x47:  # a lone float: no numpy
+                run = 1
+            else:
+                ops = np.frombuffer(data, np.uint8, count=n - begin, offset=begin)[::9]
+                run = _float_run_length(ops)
+            end = begin + 9 * run
+            # Any run measured becomes the hint: a long hint that keeps failing
+            # would cost its length at each float (quadratic in a forged file).
+            if run != self._run_hint:
+                self._run_hint, self._run_ops = run, b"G" * run
+        if end < n and data[end] == APPENDS:
+            return FloatRun(begin - self.base, run), end
+        return None, end
+
+    def _row_record(self, pos: int, memo: dict) -> tuple[dict, int] | None:
+        """Read a whole DNABERT-S row after its EMPTY_DICT at ``pos``.
+
+        After the first row, each is ``{'label': id, 'mean_representation':
+        [floats]}`` with both keys and the id as memo gets.  Like
+        :meth:`_tensor_record`: the same effect as the opcodes, or None.
+        """
+        match = _ROW_RECORD.match(self.data, pos)
+        if match is None:
+            return None
+        put_row, label_get, id_get, values_get, put_values = match.groups()
+        first = len(memo)
+        if _get_index(put_row) != first or _get_index(put_values) != first + 1:
+            return None
+        label_key, seq_id, values_key = (memo.get(_get_index(g)) for g in (label_get, id_get, values_get))
+        if type(label_key) is not str or type(values_key) is not str or seq_id is None:
+            return None
+        run, end = self._float_run(match.end() - 1)
+        if run is None or self.data[end : end + 2] != b"eu":
+            return None
+        values = [run]
+        row = {label_key: seq_id, values_key: values}
+        memo[first], memo[first + 1] = row, values
+        return row, end + 2
+
+    def _tensor_record(self, pos: int, memo: dict) -> tuple[TensorRef, int] | None:
+        """Read a whole tensor record after the rebuilder's memo get at ``pos``.
+
+        Protocol 2 pickles of many tensors (an ESM file: one per row) repeat
+        one record in which only the storage key and the memo puts change;
+        after the first, every global and constant string is a memo get.
+        One regular expression match replaces ~30 opcode steps, and what the
+        records share (the gets, the sizes) is checked once.  The effect is
+        exactly what the opcodes would do: the same checks, the same memo
+        entries.  Anything unexpected returns None and the opcodes run one
+        by one.
+        """
+        match = _TENSOR_RECORD.match(self.data, pos)
+        if match is None:
+            return None
+        (storage_get, type_get, key_length, key, put_key, location_get, numel, put_pid,
+         offset, size, put_shape, stride, put_stride, odict_get, *put_rest) = match.groups()
+        shared = storage_get, type_get, location_get, numel, offset, size, stride, odict_get
+        # Keyed by the gets' bytes: sound because a memo entry, once put, is never replaced.
+        template = self._templates.get(shared) or self._check_template(pos, shared, memo)
+        if template is None:
+            return None
+        first = len(memo)
+        puts = b"".join((put_key, put_pid, put_shape, put_stride, *put_rest))
+        if len(key) != key_length[0] or _put_indices(puts) != tuple(range(first, first + 7)):
+            return None
+        storage_type, location, dtype, numel, offset, shape, strides = template
+        key = str(key, "ascii")
+        storage = self.archive.storage_ref(key, dtype, numel)
+        tensor = TensorRef(storage, offset, shape, strides)
+        pid = ("storage", storage_type, key, location, numel)
+        hooks = {}
+        args = (storage, offset, shape, strides, False, hooks)
+        memo.update(zip(range(first, first + 7), (key, pid, shape, strides, hooks, args, tensor)))
+        return tensor, match.end()
+
+    def _check_template(self, pos: int, shared: tuple[bytes, ...], memo: dict) -> tuple | None:
+        """Check what tensor records share, once; None if it is not torch's."""
+        storage_get, type_get, location_get, *ints, odict_get = shared
+        storage, storage_type, location, odict = (
+            memo.get(_get_index(g)) for g in (storage_get, type_get, location_get, odict_get)
+        )
+        if not (storage == "storage" and type(storage_type) is Global
+                and storage_type.module == "torch" and storage_type.name in STORAGE_DTYPES
+                and type(location) is str and odict is ORDERED_DICT):
+            return None
+        numel, offset, size, stride = map(_small_int, ints)
+        dtype, shape, strides = STORAGE_DTYPES[storage_type.name], (size,), (stride,)
+        try:  # the view's checks depend on these alone
+            self._tensor(pos, StorageRef("", dtype, numel), offset, shape, strides, False, {})
+        except FileFormatError:
+            return None
+        template = storage_type, location, dtype, numel, offset, shape, strides
+        self._templates[shared] = template
+        return template
+

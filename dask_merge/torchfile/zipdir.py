@@ -1,0 +1,85 @@
+"""The zip container of a torch archive: its directory, read without :mod:`zipfile`."""
+
+from __future__ import annotations
+
+import struct
+
+_END = struct.Struct("<4s4H2LH")  # end of central directory
+_END64_LOCATOR = struct.Struct("<4sLQL")
+_END64 = struct.Struct("<4sQ2H2L4Q")
+_CENTRAL = struct.Struct("<4s6H3L5H2L")  # central directory file header
+_LOCAL = struct.Struct("<4s5H3L2H")  # local file header
+
+
+def zip_entries(buffer: bytes | memoryview) -> dict[str, tuple[int, int, int]]:
+    """Map each member of a zip archive to (method, data offset, size).
+
+    :mod:`zipfile` does the same, but builds a ``ZipInfo`` per member: an ESM
+    file has 10,000 of them and this is four times faster.  Offsets and sizes
+    come from the central directory (torch's local headers leave them zero);
+    the data starts after the local header, whose extra field (torch's
+    alignment padding) differs from the central one.  Any inconsistency
+    raises ``ValueError`` or ``struct.error``.
+
+    >>> import io, zipfile
+    >>> f = io.BytesIO()
+    >>> with zipfile.ZipFile(f, "w") as z:
+    ...     z.writestr("a/data.pkl", b"hello")
+    >>> zip_entries(f.getvalue())
+    {'a/data.pkl': (0, 40, 5)}
+    """
+    tail = max(0, len(buffer) - _END.size - 0xFFFF)  # the end record and its comment
+    end = bytes(buffer[tail:]).rfind(b"PK\x05\x06")
+    if end < 0:
+        raise ValueError("no end of central directory")
+    end += tail
+    _, _, _, _, count, size, offset, _ = _END.unpack_from(buffer, end)
+    if 0xFFFF in (count,) or 0xFFFFFFFF in (size, offset):
+        locator = _END64_LOCATOR.unpack_from(buffer, end - _END64_LOCATOR.size)
+        if locator[0] != b"PK\x06\x07":
+            raise ValueError("a zip64 archive without its end record locator")
+        if locator[2] > end - _END64.size:  # struct cannot even take a 2**63 offset
+            raise ValueError("the zip64 end record lies outside the file")
+        record = _END64.unpack_from(buffer, locator[2])
+        if record[0] != b"PK\x06\x06":
+            raise ValueError("a broken zip64 end record")
+        count, size, offset = record[7], record[8], record[9]
+    if offset + size > end:
+        raise ValueError("the central directory runs past its end record")
+    entries = {}
+    position = offset
+    for _ in range(count):
+        (signature, _, _, _, method, _, _, _, compressed, plain, name_length, extra_length,
+         comment_length, _, _, _, local) = _CENTRAL.unpack_from(buffer, position)
+        if signature != b"PK\x01\x02":
+            raise ValueError(f"a broken central directory entry at byte {position}")
+        name_start = position + _CENTRAL.size
+        name = str(buffer[name_start : name_start + name_length], "utf-8")
+        if 0xFFFFFFFF in (compressed, plain, local):
+            plain, compressed, local = _zip64_extra(
+                buffer[name_start + name_length : name_start + name_length + extra_length],
+                plain, compressed, local)
+        position = name_start + name_length + extra_length + comment_length
+        if local > offset - _LOCAL.size:  # local headers precede the central directory
+            raise ValueError(f"member {name!r} has its local header outside the file")
+        header = _LOCAL.unpack_from(buffer, local)
+        if header[0] != b"PK\x03\x04":
+            raise ValueError(f"member {name!r} has a broken local header")
+        entries[name] = method, local + _LOCAL.size + header[9] + header[10], plain
+    if len(entries) != count:
+        raise ValueError("two members share a name")
+    return entries
+
+
+def _zip64_extra(extra: bytes, *fields: int) -> tuple[int, ...]:
+    """Replace the 0xFFFFFFFF ``fields`` by their 64-bit values from a zip64 extra block."""
+    position = 0
+    while position + 4 <= len(extra):
+        tag, length = struct.unpack_from("<HH", extra, position)
+        if tag == 1:
+            values = list(struct.unpack_from(f"<{length // 8}Q", extra, position + 4))
+            if len(values) < fields.count(0xFFFFFFFF):
+                raise ValueError("a zip64 extra field too short for its member")
+            return tuple(values.pop(0) if f == 0xFFFFFFFF else f for f in fields)
+        position += 4 + length
+    raise ValueError("a zip64 member without its zip64 extra field")
