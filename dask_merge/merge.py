@@ -14,12 +14,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import MispairedError, OutputError
+from .errors import FileFormatError, MispairedError, OutputError
 from .layouts import label_value, read_features, write_merged
 from .sources import ProteinSpec, Source, open_protein, spec_paths
 from .torchfile import ArrayBlocks, short_repr
 
 EXAMPLES = 5  # how many dropped ids a result names
+# A real pair's output is smaller than its inputs (a pickled float takes 9
+# bytes, a stored one 4).  A forged pair whose rows all reuse one memoized
+# vector could ask for hundreds of times more: refused past this factor.
+MAX_GROWTH, GROWTH_SLACK = 4, 1 << 20
 BLOCK_BYTES = 4 << 20  # output rows are assembled and written in blocks of this size
 
 
@@ -149,6 +153,8 @@ def join(nucleotide: Source, protein: Source, output_file: str, *, labels: list[
 
     width = nucleotide.width
     shape = (len(ids), width + protein.width)
+    if not protein.whole_data_set and os.path.isfile(protein.path):  # HDF5 rows are rows: no memo gets
+        _check_growth(nucleotide.path, protein.path, 4 * shape[0] * shape[1])
 
     def blocks() -> Iterator[np.ndarray]:
         # Rows are assembled a block at a time into one small buffer, which
@@ -186,6 +192,17 @@ def check_max_dropped(share: float | None) -> None:
     if share is not None and not (isinstance(share, numbers.Real) and not isinstance(share, bool)
                                   and 0 <= share <= 1):
         raise ValueError(f"max_dropped must be a number from 0 to 1 (or None), not {share!r}")
+
+
+def _check_growth(nucleotide: str, protein: str, output_bytes: int) -> None:
+    """Refuse a merge whose output would exceed :data:`MAX_GROWTH` times its inputs."""
+    input_bytes = os.path.getsize(nucleotide) + os.path.getsize(protein)
+    if output_bytes > MAX_GROWTH * input_bytes + GROWTH_SLACK:
+        raise FileFormatError(
+            f"{nucleotide}, {protein}: the merged features would take {output_bytes:,} bytes, "
+            f"{output_bytes / input_bytes:.0f} times the {input_bytes:,} bytes of the two files; "
+            "real files never grow so, these reuse one vector for many rows"
+        )
 
 
 def _examples(ids: list[str], count: int = 3) -> str:

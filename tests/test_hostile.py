@@ -1,4 +1,4 @@
-"""Hostile inputs (issue 6): forged pickles inside real torch archives.
+"""Hostile inputs: forged pickles and archives inside real torch files.
 
 Every file here is a real ``torch.save`` archive whose ``data.pkl`` was
 replaced.  The reader must refuse each one, say why, name the file, and run
@@ -12,9 +12,11 @@ import importlib
 import io
 import os
 import pickle
+import re
 import struct
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -24,7 +26,7 @@ import torch
 
 from dask_merge import FileFormatError, MergeError, UnsafeFileError, merge_pair
 from dask_merge.layouts import read_features
-from dask_merge.testing import write_nucleotide_file, write_protein_file
+from dask_merge.testing import reference_merge, write_nucleotide_file, write_protein_file
 from dask_merge.torchfile import TorchArchive
 
 # --- crafting -----------------------------------------------------------------
@@ -223,8 +225,8 @@ def test_refusal_happens_before_anything_is_called(files, monkeypatch):
     (Storage("../../etc/passwd", 4), "does not hold"),
     (Storage("/etc/passwd", 4), "does not hold"),
     (Storage("data.pkl", 4), "does not hold"),
-    (Storage("0", 5), "holds only 16 bytes"),
-    (Storage("0", 2**40), "holds only 16 bytes"),
+    (Storage("0", 5), "its record holds 16 bytes"),
+    (Storage("0", 2**40), "its record holds 16 bytes"),
     (Storage("0", -1), "malformed"),
     (Storage(["0"], 4), "malformed"),
     (Storage("0", 4, kind=torch.BFloat16Storage), "refused"),
@@ -407,3 +409,179 @@ def test_torch_archive_open_refuses_without_loading_torch_objects(files):
     with pytest.raises(UnsafeFileError, match=str(forged)):
         read_features(forged, "protein")
     assert not files.marker.exists()
+
+
+# --- exact or refused: what torch.load reads differently, or refuses ----------------------
+
+
+class Tensor7(Tensor):
+    """A tensor rebuild call with a seventh argument (torch's tensor metadata)."""
+
+    def __init__(self, storage, offset, shape, stride, metadata, requires_grad=False):
+        super().__init__(storage, offset, shape, stride)
+        self.args = (storage, offset, shape, stride, requires_grad, collections.OrderedDict(), metadata)
+
+
+def test_a_negative_view_is_refused_not_merged_with_its_sign_flipped(files):
+    ids = ["id0", "id1"]
+    rows = [torch._neg_view(torch.arange(4.0) + 1), torch._neg_view(torch.arange(4.0) + 5)]
+    torch.save(protein_layout(rows, ids), files.folder / "neg_ESM.pt")
+    assert torch.load(files.folder / "neg_ESM.pt")["data"][0].tolist() == [-1.0, -2.0, -3.0, -4.0]
+    assert_refused(files, files.folder / "neg_ESM.pt", "negative or conjugate view", UnsafeFileError)
+
+
+@pytest.mark.parametrize("metadata", [None, {}, 0, False])
+def test_a_seventh_rebuild_argument_torch_ignores_is_ignored(files, metadata):
+    tensors = [Tensor7(Storage("0", 4), 0, (4,), (1,), metadata), Tensor7(Storage("1", 4), 0, (4,), (1,), {})]
+    forged = files.forge(dumps(protein_layout(tensors)))
+    assert merge_pair(files.nucleotide, forged, files.output).rows == 2
+    assert torch.equal(torch.load(files.output)["data"], reference_merge(files.nucleotide, forged)["data"])
+
+
+@pytest.mark.parametrize("metadata", [{"neg": False}, {"conj": True}, {"other": 1}, 1, (0,)])
+def test_a_seventh_rebuild_argument_torch_would_apply_is_refused(files, metadata):
+    tensors = [Tensor7(Storage("0", 4), 0, (4,), (1,), metadata), Tensor(Storage("1", 4), 0, (4,), (1,))]
+    assert_refused(files, files.forge(dumps(protein_layout(tensors))), "metadata", UnsafeFileError)
+
+
+def test_one_storage_read_with_two_dtypes_is_refused(files):
+    # torch keeps the first storage it builds for a key: both tensors come back int32.
+    tensors = [Tensor(Storage("0", 4, torch.IntStorage), 0, (4,), (1,)), Tensor(Storage("0", 4), 0, (4,), (1,))]
+    forged = files.forge(dumps(protein_layout(tensors)))
+    assert {t.dtype for t in torch.load(forged)["data"]} == {torch.int32}
+    assert_refused(files, forged, "referenced as 4 items of int32 and as 4 items of float32")
+
+
+def test_integer_dict_keys_are_refused_at_the_first_one(files):
+    # Keys that all hash alike make every insertion scan all before it:
+    # refused at the first SETITEMS (the pickler's first batch of 1,000),
+    # so reading stays linear in the file's size.
+    keys = [i * (2**61 - 1) for i in range(1, 20001)]
+    assert len({hash(k) for k in keys}) == 1
+    forged = files.forge(dumps({"proteins": ["id0"], "data": [], "x": dict.fromkeys(keys)}))
+    message = assert_refused(files, forged, "a dict key of type int", UnsafeFileError)
+    assert int(re.search(r"data.pkl byte (\d+)", message)[1]) < 1001 * 13, message
+
+
+def test_an_output_far_larger_than_its_inputs_is_refused(files):
+    # 3,000 rows that all reuse one 4,096-float tensor (a memo get each):
+    # a 50 MB output from 0.2 MB of input.  torch merges it; we refuse.
+    ids = [f"id{i}" for i in range(3000)]
+    write_nucleotide_file(files.folder / "many_DNABERT_S.pt", ids, [[0.5, 1.5]] * len(ids))
+    torch.save(protein_layout([torch.zeros(4096)] * len(ids), ids), files.folder / "one_ESM.pt")
+    nucleotide, protein = files.folder / "many_DNABERT_S.pt", files.folder / "one_ESM.pt"
+    with pytest.raises(FileFormatError, match="times the") as info:
+        merge_pair(nucleotide, protein, files.output)
+    assert str(nucleotide) in str(info.value) and str(protein) in str(info.value)
+    assert not files.output.exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link_to_a_pipe"])
+def test_a_fifo_is_refused_without_blocking(files, kind):
+    path = files.folder / "piped_ESM.pt"
+    read_end, write_end = os.pipe()
+    try:
+        if kind == "fifo":
+            os.mkfifo(path)  # nobody writes: a blocking open would wait forever
+        else:
+            path.symlink_to(f"/proc/{os.getpid()}/fd/{read_end}")
+        outcome = []
+        worker = threading.Thread(target=lambda: outcome.append(_refusal(files, path)), daemon=True)
+        worker.start()
+        worker.join(30)
+        assert outcome and "FIFO (named pipe), not a file" in outcome[0], outcome
+    finally:
+        os.close(read_end), os.close(write_end)
+
+
+def _refusal(files, path) -> str:
+    try:
+        merge_pair(files.nucleotide, path, files.output)
+    except FileFormatError as err:
+        return str(err)
+    return "merged"
+
+
+def _with_records(source: Path, target: Path, change) -> Path:
+    """Copy the archive ``source`` to ``target`` with its records changed by ``change``."""
+    with zipfile.ZipFile(source) as src:
+        records = change([(info.filename, src.read(info.filename)) for info in src.infolist()])
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as dst:
+        for name, data in records:
+            dst.writestr(name, data)
+    return target
+
+
+def _set(suffix: str, value: bytes | None):
+    def change(records):
+        return [(n, value) for n, _ in records if n.endswith(suffix) and value is not None] + [
+            (n, d) for n, d in records if not n.endswith(suffix)]
+    return change
+
+
+@pytest.mark.parametrize("change, why", [
+    (_set("/version", None), "version record"),
+    (_set("/version", b"x\n"), "version record"),
+    (_set("/version", b"0\n"), "version record"),
+    (_set("/version", b"11\n"), "version record"),
+    (_set("/.storage_alignment", b"sixty"), ".storage_alignment"),
+    (_set("/byteorder", b""), "byte order"),
+    (_set("/data/0", b"\0" * 20), "its record holds 20 bytes"),
+    (_set("/data/0", b"\0" * 12), "its record holds 12 bytes"),
+    (lambda records: records + [("elsewhere/data/9", b"")], "outside the archive's folder"),
+    (lambda records: [("x", b"")] + records, "not in a folder"),
+], ids=["no_version", "version_x", "version_0", "version_11", "alignment", "byteorder_empty",
+        "record_longer", "record_shorter", "record_outside", "first_record_outside"])
+def test_archives_torch_load_refuses_are_refused(files, change, why):
+    forged = _with_records(files.protein, files.folder / "odd_ESM.pt", change)
+    with pytest.raises(Exception):  # noqa: B017 - torch refuses in several ways
+        torch.load(forged, weights_only=True, map_location="cpu")
+    assert_refused(files, forged, why)
+
+
+@pytest.mark.parametrize("version", [b"3", b" +3\n", b"1\n", b"10\n"])
+def test_version_records_torch_load_reads_are_read(files, version):
+    forged = _with_records(files.protein, files.folder / "v_ESM.pt", _set("/version", version))
+    assert merge_pair(files.nucleotide, forged, files.output).rows == 2
+
+
+@pytest.mark.parametrize("location, refused", [
+    ("cuda:0", False), ("cuda", False), ("mps", False), ("xyz", True), ("cpu\0", True), ("meta", True),
+    ("CPU", True), ("cpu:0", True),
+])
+def test_storage_locations_map_to_the_cpu_or_are_refused(files, location, refused):
+    # cuda:0 is read as torch.load(map_location="cpu") reads it; torch refuses
+    # "xyz" without a map_location, and "meta" storages hold no values.
+    tensors = [Tensor(Storage("0", 4, location=location), 0, (4,), (1,)), Tensor(Storage("1", 4), 0, (4,), (1,))]
+    forged = files.forge(dumps(protein_layout(tensors)))
+    if refused:
+        assert_refused(files, forged, "storage location", UnsafeFileError)
+    else:
+        merge_pair(files.nucleotide, forged, files.output)
+        assert torch.load(files.output)["data"][0, 2:].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x80\x02N(\x85t.",  # TUPLE1 takes the item below the mark
+    b"\x80\x02]N(a0.",  # APPEND
+    b"\x80\x02}X\x01\x00\x00\x00a(Ns.",  # SETITEM
+    b"\x80\x02NN(\x86t.",  # TUPLE2
+    b"\x80\x02N(q\x00t.",  # BINPUT
+    b"\x80\x02(]e.",  # APPENDS with no list below its mark
+], ids=["tuple1", "append", "setitem", "tuple2", "binput", "appends_empty"])
+def test_opcodes_reaching_below_a_mark_are_refused(files, payload):
+    forged = files.forge(payload)
+    with pytest.raises(Exception):  # noqa: B017 - torch refuses in several ways
+        torch.load(forged, weights_only=True)
+    with pytest.raises(FileFormatError):
+        TorchArchive.open(forged).load()
+
+
+def test_an_int_tensor_that_requires_grad_is_refused(files):
+    tensors = [Tensor7(Storage("0", 4, torch.IntStorage), 0, (4,), (1,), None, requires_grad=True),
+               Tensor(Storage("1", 4), 0, (4,), (1,))]
+    forged = files.forge(dumps(protein_layout(tensors)))
+    with pytest.raises(RuntimeError, match="require gradients"):
+        torch.load(forged, weights_only=True)
+    with pytest.raises(FileFormatError, match="int32 that requires grad"):
+        TorchArchive.open(forged).load()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import struct
 
@@ -13,6 +14,12 @@ from .buffers import read_whole
 from .refs import FloatRun, StorageRef, TensorRef, short_repr
 from .unpickler import Unpickler
 from .zipdir import zip_entries
+
+# The version record: torch parses it as an integer (leading blanks and a
+# plus sign allowed, anything after the digits ignored) and torch 2.13 reads
+# versions 1 to 10; torch.save writes 3.
+_VERSION = re.compile(rb"[ \t\n\v\f\r]*\+?([0-9]{1,18})")
+_MAX_VERSION = 10
 
 
 class TorchArchive:
@@ -38,8 +45,9 @@ class TorchArchive:
         self.buffer = buffer
         self.path = path
         self._records = self._index_records()
+        self._storages: dict[str, StorageRef] = {}  # see storage_ref
         self.pickle_offset, self.pickle_size = self._record("data.pkl")
-        self._check_byteorder()
+        self._check_records()
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, slot: str | None = None) -> TorchArchive:
@@ -51,11 +59,14 @@ class TorchArchive:
         """
         path = os.fspath(path)
         try:
-            # A device reads forever (/dev/zero) or has effects; a FIFO is a
-            # pipe from another program, and is read to its end.
-            if (kind := _special_kind(os.stat(path).st_mode)) is not None:
-                raise FileFormatError(f"{path}: a {kind}, not a file")
-            with open(path, "rb") as f:
+            # Only a regular file: a device reads forever (/dev/zero) or has
+            # effects, a FIFO blocks open() until a writer comes.  Opened
+            # without blocking, then checked on the descriptor, so a FIFO
+            # swapped in after a stat cannot block either.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with open(fd, "rb") as f:
+                if (kind := _special_kind(os.fstat(fd).st_mode)) is not None:
+                    raise FileFormatError(f"{path}: a {kind}, not a file")
                 return cls(read_whole(f, slot), path)
         except OSError as err:
             raise FileFormatError(f"{path}: cannot read ({err.strerror or err})") from None
@@ -76,14 +87,16 @@ class TorchArchive:
                 f"not a torch zip archive, or truncated ({err}); torch.save "
                 "writes zip archives since torch 1.6"
             ) from None
-        pickles = [name for name in entries if name.endswith("data.pkl")]
-        if len(pickles) != 1 or pickles[0].count("/") != 1:
-            raise self._fail(f"expected one ARCHIVE/data.pkl record, found {pickles}")
-        prefix = pickles[0][: -len("data.pkl")]
+        # torch.load takes the first record's folder as the archive's and
+        # refuses any record outside it.
+        first = next(iter(entries), "")
+        prefix = first[: first.find("/") + 1]
+        if not prefix:
+            raise self._fail(f"its first record {short_repr(first)} is not in a folder; not a torch archive")
         records = {}
         for name, (method, start, size) in entries.items():
             if not name.startswith(prefix):
-                continue
+                raise self._fail(f"record {short_repr(name)} lies outside the archive's folder {prefix!r}")
             if method != 0:
                 raise self._fail(f"record {name!r} is compressed; torch never does that")
             if start + size > len(self.buffer):
@@ -91,17 +104,35 @@ class TorchArchive:
             records[name[len(prefix) :]] = start, size
         return records
 
-    def _check_byteorder(self) -> None:
+    def _check_records(self) -> None:
+        """Refuse the small records torch.load refuses, and big-endian storages."""
         # torch.save records sys.byteorder (files without the record are
         # little-endian); storages hold native bytes.  Reading big-endian
         # storages as little-endian would give garbage values silently.
-        start, size = self._records.get("byteorder", (0, 0))
-        order = bytes(self.buffer[start : start + size]) if size else b"little"
+        order = self._small_record("byteorder", b"little")
         if order != b"little":
             raise self._fail(
                 f"its storages are in {order[:20].decode('ascii', 'replace')!r} byte order "
                 "(saved on a big-endian machine); only little-endian files are supported"
             )
+        version = _VERSION.match(self._small_record("version", b""))
+        if version is None or not 1 <= int(version[1]) <= _MAX_VERSION:
+            raise self._fail(
+                f"its version record {self._small_record('version', b'(missing)')[:20]!r} is "
+                f"not a file format version from 1 to {_MAX_VERSION}, as torch.load requires"
+            )
+        alignment = self._small_record(".storage_alignment", b"64")
+        try:
+            int(alignment)
+        except ValueError:
+            raise self._fail(f"its .storage_alignment record {alignment[:20]!r} is not a number") from None
+
+    def _small_record(self, name: str, missing: bytes) -> bytes:
+        """The bytes of a record of a few bytes, or ``missing`` if there is none."""
+        if name not in self._records:
+            return missing
+        start, size = self._records[name]
+        return bytes(self.buffer[start : start + min(size, 64)])
 
     def _record(self, name: str) -> tuple[int, int]:
         try:
@@ -109,10 +140,14 @@ class TorchArchive:
         except KeyError:
             raise self._fail(f"the archive has no record {name!r}") from None
 
-    def load(self) -> object:
-        """Unpickle ``data.pkl`` safely; tensors come back as :class:`TensorRef`."""
+    def load(self, *, fast_paths: bool = True) -> object:
+        """Unpickle ``data.pkl`` safely; tensors come back as :class:`TensorRef`.
+
+        ``fast_paths=False`` runs every opcode one by one: the same result,
+        slower; tests compare the two.
+        """
         try:
-            return Unpickler(self).run()
+            return Unpickler(self, fast_paths=fast_paths).run()
         except MemoryError:
             # Each opcode byte may make an object: a forged pickle of one-byte
             # containers takes ~90 times its size.  Raise after the handler:
@@ -125,14 +160,26 @@ class TorchArchive:
         """Check a persistent id's storage against the archive's records."""
         if not isinstance(key, str) or not isinstance(numel, int) or numel < 0:
             raise self._fail(f"storage id {short_repr(key)} with {short_repr(numel)} items is malformed")
+        known = self._storages.get(key)
+        if known is not None:
+            # torch keeps the first storage it built for a key, whatever a
+            # later reference says; a file that disagrees with itself is forged.
+            if known.dtype != dtype or known.numel != numel:
+                raise self._fail(
+                    f"storage {key!r} is referenced as {known.numel} items of {known.dtype} "
+                    f"and as {numel} items of {dtype}"
+                )
+            return known
         _, size = self._records.get(f"data/{key}", (0, None))
         if size is None:
             raise self._fail(f"the pickle points at storage {key!r}, which the archive does not hold")
-        if numel * dtype.itemsize > size:
+        if numel * dtype.itemsize != size:  # torch.load requires the exact size too
             raise self._fail(
-                f"storage {key!r} declares {numel} items of {dtype} but holds only {size} bytes"
+                f"storage {key!r} declares {numel} items of {dtype} ({numel * dtype.itemsize} bytes) "
+                f"but its record holds {size} bytes"
             )
-        return StorageRef(key, dtype, numel)
+        ref = self._storages[key] = StorageRef(key, dtype, numel)
+        return ref
 
     def array(self, ref: TensorRef) -> np.ndarray:
         """The tensor's values as a read-only numpy view of the archive bytes."""
@@ -168,10 +215,13 @@ class TorchArchive:
 
 
 def _special_kind(mode: int) -> str | None:
-    """What a file that is neither regular nor a FIFO is; None for those two.
+    """What a file that is not regular is; None for a regular file.
 
     >>> _special_kind(os.stat("/dev/null").st_mode), _special_kind(os.stat(".").st_mode)
-    ('character device', None)
+    ('character device', 'folder')
     """
-    kinds = {stat.S_ISCHR: "character device", stat.S_ISBLK: "block device", stat.S_ISSOCK: "socket"}
-    return next((kind for test, kind in kinds.items() if test(mode)), None)
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {stat.S_ISCHR: "character device", stat.S_ISBLK: "block device", stat.S_ISSOCK: "socket",
+             stat.S_ISFIFO: "FIFO (named pipe)", stat.S_ISDIR: "folder"}
+    return next((kind for test, kind in kinds.items() if test(mode)), "special file")

@@ -14,7 +14,7 @@ import struct
 import numpy as np
 
 from ..errors import FileFormatError
-from .refs import ORDERED_DICT, STORAGE_DTYPES, FloatRun, Global, StorageRef, TensorRef
+from .refs import ORDERED_DICT, STORAGE_DTYPES, FloatRun, Global, StorageRef, TensorRef, known_location
 
 # Opcodes, as the integers that indexing a bytes object gives.
 APPENDS = ord("e")
@@ -179,7 +179,7 @@ class RecordFastPaths:
         )
         if not (storage == "storage" and type(storage_type) is Global
                 and storage_type.module == "torch" and storage_type.name in STORAGE_DTYPES
-                and type(location) is str and odict is ORDERED_DICT):
+                and type(location) is str and known_location(location) and odict is ORDERED_DICT):
             return None
         numel, offset, size, stride = map(_small_int, ints)
         dtype, shape, strides = STORAGE_DTYPES[storage_type.name], (size,), (stride,)

@@ -6,6 +6,7 @@ Nothing here reads a file; these are the values :meth:`TorchArchive.load
 
 from __future__ import annotations
 
+import re
 import reprlib
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -75,3 +76,19 @@ ORDERED_DICT = Global("collections", "OrderedDict")
 ALLOWED_GLOBALS = {
     (g.module, g.name): g for g in [REBUILD_TENSOR, ORDERED_DICT]
 } | {("torch", name): Global("torch", name) for name in STORAGE_DTYPES}
+
+
+# Storage locations torch writes for devices whose storages hold their
+# values; torch.load(map_location="cpu") reads each onto the CPU, as this
+# reader does.  "meta" storages hold no values; others (a typo, "cpu\0")
+# torch refuses.
+_LOCATION = re.compile(r"(cpu|(cuda|mps|xpu)(:[0-9]{1,4})?)")
+
+
+def known_location(location: str) -> bool:
+    r"""Whether a storage location is one whose values this reader may take as CPU values.
+
+    >>> [known_location(x) for x in ["cpu", "cuda:0", "mps", "meta", "xyz", "cpu\0", "cpu:0"]]
+    [True, True, True, False, False, False, False]
+    """
+    return _LOCATION.fullmatch(location) is not None

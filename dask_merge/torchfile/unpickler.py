@@ -10,7 +10,7 @@ from ..errors import FileFormatError, UnsafeFileError
 from .fastpaths import APPENDS, RecordFastPaths
 from .refs import (
     ALLOWED_GLOBALS, ORDERED_DICT, REBUILD_TENSOR, STORAGE_DTYPES, Global, StorageRef, TensorRef,
-    short_repr,
+    known_location, short_repr,
 )
 
 if TYPE_CHECKING:
@@ -35,8 +35,10 @@ class Unpickler(RecordFastPaths):
     worst be refused.
     """
 
-    def __init__(self, archive: TorchArchive):
+    def __init__(self, archive: TorchArchive, *, fast_paths: bool = True):
         self.archive = archive
+        if not fast_paths:  # every record taken opcode by opcode
+            self._tensor_record = self._row_record = _no_record
         # The machine reads the archive's bytes in place: positions are
         # absolute, and ``base`` turns them into data.pkl offsets.
         self.data = archive.buffer
@@ -56,10 +58,16 @@ class Unpickler(RecordFastPaths):
             f"{self.archive.path}: broken pickle at data.pkl byte {pos - self.base}: {what}"
         )
 
+    def _below_mark(self, pos: int) -> FileFormatError:
+        return self._broken(pos, "an opcode takes items from below its MARK")
+
     def run(self) -> object:  # noqa: C901 - one flat loop is what keeps it fast
         data, base, n = self.data, self.base, self.end
         stack: list = []
         marks: list[int] = []
+        # CPython's unpickler starts a new stack at each MARK: no opcode may
+        # reach below the last mark.  ``floor`` is where that mark stands.
+        floor = 0
         memo: dict[int, object] = {}
         unpack_from = struct.unpack_from
         pos = base
@@ -76,6 +84,8 @@ class Unpickler(RecordFastPaths):
                     # change what earlier gets meant (see _tensor_record).
                     if index != len(memo):
                         raise self._refuse(pos, f"memo index {index} after {len(memo)} memo entries")
+                    if len(stack) <= floor:
+                        raise self._below_mark(pos)
                     memo[index] = stack[-1]
                     pos += 1 if op == 0x71 else 4
                 elif op == 0x68 or op == 0x6A:  # BINGET, LONG_BINGET
@@ -88,7 +98,8 @@ class Unpickler(RecordFastPaths):
                         value, pos = found
                     stack.append(value)
                 elif op == 0x28:  # MARK
-                    marks.append(len(stack))
+                    floor = len(stack)
+                    marks.append(floor)
                 elif op == 0x4B:  # BININT1
                     stack.append(data[pos])
                     pos += 1
@@ -96,13 +107,18 @@ class Unpickler(RecordFastPaths):
                     stack.append(data[pos] | data[pos + 1] << 8)
                     pos += 2
                 elif op == 0x85:  # TUPLE1
+                    if len(stack) <= floor:
+                        raise self._below_mark(pos)
                     stack[-1] = (stack[-1],)
                 elif op == 0x74:  # TUPLE
                     first = marks.pop()
+                    floor = marks[-1] if marks else 0
                     items = tuple(stack[first:])
                     del stack[first:]
                     stack.append(items)
                 elif op == 0x52:  # REDUCE
+                    if len(stack) < floor + 2:
+                        raise self._below_mark(pos)
                     args = stack.pop()
                     stack[-1] = self._reduce(pos, stack[-1], args)
                 elif op == 0x58 or op == 0x8C or op == 0x8D:  # BINUNICODE, SHORT_, 8
@@ -117,6 +133,8 @@ class Unpickler(RecordFastPaths):
                     stack.append(str(data[pos : pos + size], "utf-8", "surrogatepass"))
                     pos += size
                 elif op == 0x51:  # BINPERSID
+                    if len(stack) <= floor:
+                        raise self._below_mark(pos)
                     stack[-1] = self._persistent(pos, stack[-1])
                 elif op == 0x89 or op == 0x88:  # NEWFALSE, NEWTRUE
                     stack.append(op == 0x88)
@@ -130,14 +148,26 @@ class Unpickler(RecordFastPaths):
                         stack.append(run)
                     pos = end
                 elif op == APPENDS:
-                    items = stack[marks.pop() :]
-                    del stack[len(stack) - len(items) :]
+                    first = marks.pop()
+                    floor = marks[-1] if marks else 0
+                    if first <= floor:
+                        raise self._below_mark(pos)
+                    items = stack[first:]
+                    del stack[first:]
                     self._list(pos, stack[-1]).extend(items)
                 elif op == 0x61:  # APPEND
+                    if len(stack) < floor + 2:
+                        raise self._below_mark(pos)
                     item = stack.pop()
                     self._list(pos, stack[-1]).append(item)
                 elif op == 0x75 or op == 0x73:  # SETITEMS, SETITEM
-                    first = marks.pop() if op == 0x75 else len(stack) - 2
+                    if op == 0x75:
+                        first = marks.pop()
+                        floor = marks[-1] if marks else 0
+                    else:
+                        first = len(stack) - 2
+                    if first <= floor:
+                        raise self._below_mark(pos)
                     items = stack[first:]
                     del stack[first:]
                     self._setitems(pos, stack[-1], items)
@@ -152,10 +182,14 @@ class Unpickler(RecordFastPaths):
                     stack.append([])
                 elif op == 0x86 or op == 0x87:  # TUPLE2, TUPLE3
                     size = op - 0x84
+                    if len(stack) < floor + size:
+                        raise self._below_mark(pos)
                     items = tuple(stack[-size:])
                     del stack[-size:]
                     stack.append(items)
                 elif op == 0x94:  # MEMOIZE
+                    if len(stack) <= floor:
+                        raise self._below_mark(pos)
                     memo[len(memo)] = stack[-1]
                 elif op == 0x4A:  # BININT
                     stack.append(unpack_from("<i", data, pos)[0])
@@ -174,6 +208,8 @@ class Unpickler(RecordFastPaths):
                     module, name, pos = self._global_lines(pos)
                     stack.append(self._global(pos, module, name))
                 elif op == 0x93:  # STACK_GLOBAL
+                    if len(stack) < floor + 2:
+                        raise self._below_mark(pos)
                     name, module = stack.pop(), stack.pop()
                     if type(module) is not str or type(name) is not str:
                         raise self._broken(pos, "STACK_GLOBAL needs two strings")
@@ -182,15 +218,10 @@ class Unpickler(RecordFastPaths):
                     if not 2 <= data[pos] <= 5:
                         raise self._broken(pos, f"pickle protocol {data[pos]}")
                     pos += 1
-                elif op == 0x95:  # FRAME: a hint for buffered readers; skip it
+                elif op == 0x95:  # FRAME: a hint for buffered readers, but it must fit
+                    if pos + 8 + unpack_from("<Q", data, pos)[0] > n:
+                        raise self._broken(pos, "a FRAME runs past the end of the pickle")
                     pos += 8
-                elif op == 0x30:  # POP
-                    if marks and marks[-1] == len(stack):
-                        marks.pop()
-                    else:
-                        stack.pop()
-                elif op == 0x31:  # POP_MARK
-                    del stack[marks.pop() :]
                 elif op == 0x2E:  # STOP
                     if len(stack) != 1 or marks:
                         raise self._broken(pos, "STOP with a malformed stack")
@@ -216,7 +247,9 @@ class Unpickler(RecordFastPaths):
         if type(target) is not dict or len(items) % 2:
             raise self._broken(pos, f"SETITEMS on a {type(target).__name__}")
         for key, value in zip(items[::2], items[1::2]):
-            if type(key) not in (str, int):
+            # The layouts key their dicts by str alone.  Other keys (ints
+            # that all hash alike) would make reading quadratic in file size.
+            if type(key) is not str:
                 raise self._refuse(pos, f"a dict key of type {type(key).__name__}")
             target[key] = value
 
@@ -237,14 +270,19 @@ class Unpickler(RecordFastPaths):
         _, storage_type, key, location, numel = pid
         if type(storage_type) is not Global or storage_type.name not in STORAGE_DTYPES:
             raise self._refuse(pos, f"storage type {short_repr(storage_type)}")
-        if type(location) is not str:
-            raise self._broken(pos, f"storage location {short_repr(location)}")
+        if type(location) is not str or not known_location(location):
+            raise self._refuse(pos, f"storage location {short_repr(location)}")
         return self.archive.storage_ref(key, STORAGE_DTYPES[storage_type.name], numel)
 
     def _reduce(self, pos: int, func: object, args: object) -> object:
         if type(args) is not tuple:
             raise self._broken(pos, "REDUCE without an argument tuple")
         if func is REBUILD_TENSOR and len(args) in (6, 7):
+            if len(args) == 7 and not _no_metadata(args[6]):
+                # torch applies it: {'neg': ...} negates the values, 'conj' is for complex
+                # tensors alone.  Feature files never hold such views.
+                raise self._refuse(pos, f"a tensor with metadata {short_repr(args[6])} "
+                                        "(a negative or conjugate view)")
             return self._tensor(pos, *args[:6])
         if func is ORDERED_DICT and args == ():
             return {}
@@ -256,6 +294,8 @@ class Unpickler(RecordFastPaths):
                 and {*map(type, shape + stride)} <= _INT_TYPE and type(storage) is StorageRef
                 and type(offset) is int and type(requires_grad) is bool and hooks == {}):
             raise self._broken(pos, "tensor with malformed arguments")
+        if requires_grad and storage.dtype.kind != "f":  # torch.load refuses it too
+            raise self._broken(pos, f"a tensor of {storage.dtype} that requires grad")
         if len(shape) > _MAX_DIMS:
             raise self._broken(pos, f"tensor with {len(shape)} dimensions (at most {_MAX_DIMS})")
         sizes = shape + stride
@@ -274,6 +314,22 @@ class Unpickler(RecordFastPaths):
                 pos, f"tensor of size {shape} reaches past its storage of {storage.numel} items"
             )
         return TensorRef(storage, offset, shape, stride)
+
+
+def _no_record(pos: int, memo: dict) -> None:
+    """A record fast path that never matches."""
+
+
+def _no_metadata(metadata: object) -> bool:
+    """Whether a tensor's seventh rebuild argument is one torch ignores (a false value).
+
+    >>> _no_metadata(None), _no_metadata({}), _no_metadata({"neg": False}), _no_metadata((1,))
+    (True, True, False, False)
+    """
+    return metadata is None or (type(metadata) in _PLAIN_TYPES and not metadata)
+
+
+_PLAIN_TYPES = {dict, list, tuple, str, int, float, bool}
 
 
 def _reach(size: int, stride: int) -> int:

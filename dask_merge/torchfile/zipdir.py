@@ -33,26 +33,37 @@ def zip_entries(buffer: bytes | memoryview) -> dict[str, tuple[int, int, int]]:
     if end < 0:
         raise ValueError("no end of central directory")
     end += tail
-    _, _, _, _, count, size, offset, _ = _END.unpack_from(buffer, end)
-    if 0xFFFF in (count,) or 0xFFFFFFFF in (size, offset):
+    _, disk, directory_disk, count_here, count, size, offset, _ = _END.unpack_from(buffer, end)
+    # torch.save writes one disk; miniz (torch.load) refuses other disk numbers.
+    if disk or directory_disk or count_here != count:
+        raise ValueError("a multi-disk zip archive")
+    # torch.save always writes zip64 end records; like miniz, use them whenever present.
+    has_locator = end >= _END64_LOCATOR.size and buffer[end - _END64_LOCATOR.size : end - 16] == b"PK\x06\x07"
+    if has_locator or 0xFFFF in (count,) or 0xFFFFFFFF in (size, offset):
         locator = _END64_LOCATOR.unpack_from(buffer, end - _END64_LOCATOR.size)
         if locator[0] != b"PK\x06\x07":
             raise ValueError("a zip64 archive without its end record locator")
+        if locator[1] != 0 or locator[3] != 1:
+            raise ValueError("a multi-disk zip64 archive")
         if locator[2] > end - _END64.size:  # struct cannot even take a 2**63 offset
             raise ValueError("the zip64 end record lies outside the file")
         record = _END64.unpack_from(buffer, locator[2])
         if record[0] != b"PK\x06\x06":
             raise ValueError("a broken zip64 end record")
+        if record[4] or record[5] or record[6] != record[7]:
+            raise ValueError("a multi-disk zip64 archive")
         count, size, offset = record[7], record[8], record[9]
     if offset + size > end:
         raise ValueError("the central directory runs past its end record")
     entries = {}
     position = offset
     for _ in range(count):
-        (signature, _, _, _, method, _, _, _, compressed, plain, name_length, extra_length,
-         comment_length, _, _, _, local) = _CENTRAL.unpack_from(buffer, position)
+        (signature, _, _, flags, method, _, _, _, compressed, plain, name_length, extra_length,
+         comment_length, member_disk, _, _, local) = _CENTRAL.unpack_from(buffer, position)
         if signature != b"PK\x01\x02":
             raise ValueError(f"a broken central directory entry at byte {position}")
+        if member_disk or flags & 0x41:
+            raise ValueError(f"a member on disk {member_disk} or encrypted (flags {flags:#x})")
         name_start = position + _CENTRAL.size
         name = str(buffer[name_start : name_start + name_length], "utf-8")
         if 0xFFFFFFFF in (compressed, plain, local):
@@ -60,6 +71,8 @@ def zip_entries(buffer: bytes | memoryview) -> dict[str, tuple[int, int, int]]:
                 buffer[name_start + name_length : name_start + name_length + extra_length],
                 plain, compressed, local)
         position = name_start + name_length + extra_length + comment_length
+        if method == 0 and compressed != plain:  # miniz (torch.load) refuses it too
+            raise ValueError(f"member {name!r} is stored, yet its two sizes differ")
         if local > offset - _LOCAL.size:  # local headers precede the central directory
             raise ValueError(f"member {name!r} has its local header outside the file")
         header = _LOCAL.unpack_from(buffer, local)
