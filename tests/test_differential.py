@@ -326,14 +326,18 @@ _allow_list_pickle.load = pickle.load
 _PROTOCOL_4_OPCODES = {0x95, 0x8C, 0x8D, 0x94, 0x93}  # FRAME, SHORT_BINUNICODE, BINUNICODE8, MEMOIZE, STACK_GLOBAL
 
 
-def _load_with_torch(path: Path) -> object:
+_torch_load = torch.load  # the real one, also while _reference patches torch.load
+
+
+def _load_with_torch(path: Path, **_: object) -> object:
+    """torch.load(weights_only=True, map_location="cpu"), protocol 4/5 files aside (see above)."""
     try:
-        return torch.load(path, weights_only=True, map_location="cpu")
+        return _torch_load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported operand (\d+)", str(err))
         if found is None or int(found[1]) not in _PROTOCOL_4_OPCODES:
             raise
-    return torch.load(path, weights_only=False, map_location="cpu", pickle_module=_allow_list_pickle)
+    return _torch_load(path, weights_only=False, map_location="cpu", pickle_module=_allow_list_pickle)
 
 
 def torch_outcome(path: Path) -> object:
@@ -437,10 +441,9 @@ def _pair_files(rng: random.Random, folder: Path) -> tuple[Path, Path]:
 
 
 def _reference(nucleotide: Path, protein: Path, label: object) -> dict | None:
-    """The upstream merge on torch's own load (storages mapped to the CPU), or None if it fails."""
-    real = torch.load
+    """The upstream merge on torch's own load (as :func:`torch_outcome`'s), or None if it fails."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch, "load", lambda f, **kw: real(f, map_location="cpu", **kw))
+        patch.setattr(torch, "load", _load_with_torch)
         try:
             return reference_merge(nucleotide, protein, label=label)
         except Exception:  # torch's refusals, and upstream's own failures on odd layouts
