@@ -364,9 +364,54 @@ def child_rerun(folder: str, output: str) -> dict:
             "workers_started": len(multiprocessing.active_children()), "peak_mb": _peak_mb()}
 
 
+def child_load(nucleotide: str, protein: str, machine: str) -> dict:
+    """Unpickle both files of the pair with the hand-written machine or a stdlib one."""
+    from dask_merge.torchfile import TorchArchive
+
+    baseline = _rss_mb()
+    cpu, start = _cpu(), time.perf_counter()
+    archives = [TorchArchive.open(path) for path in (nucleotide, protein)]
+    loaded = [a.load() if machine == "hand" else _stdlib_load(a) for a in archives]
+    seconds = time.perf_counter() - start
+    del loaded
+    return {"seconds": seconds, "cpu": _cpu() - cpu, "baseline_mb": baseline, "peak_mb": _peak_mb()}
+
+
+def _stdlib_load(archive) -> object:
+    """data.pkl through CPython's pickle.Unpickler, behind an allow-list: no torch, nothing else run.
+
+    What the hand-written machine is measured against: the same tensor
+    references, but every pickled float becomes a Python float.
+    """
+    import io
+    import pickle
+
+    from dask_merge.torchfile import STORAGE_DTYPES, TensorRef
+
+    def rebuild(storage, offset, shape, stride, requires_grad, hooks, metadata=None):
+        return TensorRef(storage, offset, tuple(shape), tuple(stride))
+
+    class AllowList(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> object:
+            if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+                return rebuild
+            if (module, name) == ("collections", "OrderedDict"):
+                return dict
+            if module == "torch" and name in STORAGE_DTYPES:
+                return STORAGE_DTYPES[name]
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+
+        def persistent_load(self, pid: tuple) -> object:
+            _, dtype, key, _, numel = pid
+            return archive.storage_ref(key, dtype, numel)
+
+    start, size = archive.pickle_offset, archive.pickle_size
+    return AllowList(io.BytesIO(archive.buffer[start : start + size])).load()
+
+
 CHILDREN = {"upstream": child_upstream, "merge": child_merge, "floor": child_floor,
             "engine": child_engine, "command": child_command,
-            "rerun": child_rerun}
+            "rerun": child_rerun, "load": child_load}
 
 
 def _busy_seconds() -> float:
@@ -382,7 +427,7 @@ def _our_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_child(kind: str, *args, timeout: float = 3600) -> dict:
+def run_child(kind: str, *args, timeout: float = 3600, code: str | None = None) -> dict:
     """Run one variant in a fresh interpreter; return what it measured.
 
     Also how busy the rest of the machine was meanwhile (``others_cores``:
@@ -391,7 +436,9 @@ def run_child(kind: str, *args, timeout: float = 3600) -> dict:
     """
     command = [sys.executable, __file__, "--child", json.dumps([kind, *args])]
     busy, ours, start = _busy_seconds(), _our_cpu_seconds(), time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    # ``code``: a checkout whose dask_merge the child imports instead (a baseline).
+    env = {**os.environ, "PYTHONPATH": code} if code else None
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     wall = time.perf_counter() - start
     if done.returncode:
         raise RuntimeError(f"{kind} {args} failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -444,6 +491,25 @@ def bench_kernel(repeat: int) -> dict:
             "sizes_mb": {"nucleotide": os.path.getsize(nucleotide) / 2**20,
                          "protein": os.path.getsize(protein) / 2**20,
                          "merged": os.path.getsize(outputs["merge"]) / 2**20}}
+
+
+def bench_machine(repeat: int, baseline: str | None) -> dict:
+    """The hand-written unpickler vs a stdlib allow-list one; merge_pair here vs a baseline checkout."""
+    nucleotide, protein = big_pair()
+    out = DATA / "kernel-out"
+    out.mkdir(exist_ok=True)
+    variants = {"hand": ("load", nucleotide, protein, "hand"), "stdlib": ("load", nucleotide, protein, "stdlib"),
+                "merge": ("merge", nucleotide, protein, str(out / "new_merged.pt"))}
+    if baseline:
+        variants["merge_baseline"] = ("merge", nucleotide, protein, str(out / "baseline_merged.pt"))
+    runs: dict[str, list[dict]] = {k: [] for k in variants}
+    for i in range(repeat):
+        for name, (kind, *args) in in_turn(variants.items(), i):
+            runs[name].append(run_child(kind, *args, code=baseline if name == "merge_baseline" else None))
+            r = runs[name][-1]
+            _log(f"machine {i + 1}/{repeat} {name:15s} {r['seconds']:7.3f} s  peak {r['peak_mb']:6.0f} MiB  "
+                 f"(others used {r['others_cores']:.1f} cores)")
+    return {"runs": runs}
 
 
 def verify(upstream: str, merged: str) -> dict:
@@ -838,7 +904,7 @@ def main(argv: list[str] | None = None) -> None:  # noqa: C901 - one step per pa
     parser.add_argument("--repeat", type=int, help="repetitions of each variant (default 5, quick 2)")
     parser.add_argument("--quick", action="store_true",
                         help="2 repetitions, 4 scaling pairs, 200 tiny pairs")
-    parser.add_argument("--only", choices=PARTS, action="append",
+    parser.add_argument("--only", choices=[*PARTS, "machine"], action="append",
                         help="run only this part (repeatable)")
     parser.add_argument("--scaling-pairs", type=int, help="big pairs for scaling (default 16)")
     parser.add_argument("--tiny-pairs", type=int, help="tiny pairs for overhead (default 2000)")
@@ -850,6 +916,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: C901 - one step per pa
                         help="pool the paired ratios of these results/*.json files; run nothing")
     parser.add_argument("--plot", type=Path, metavar="PNG",
                         help="with --pool: also plot each repetition's ratio against the goal")
+    parser.add_argument("--baseline", metavar="CHECKOUT",
+                        help="machine part: also run merge_pair from this checkout (e.g. a git worktree of main)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.pool:
@@ -875,7 +943,7 @@ def main(argv: list[str] | None = None) -> None:  # noqa: C901 - one step per pa
     tiny_pairs = args.tiny_pairs or (200 if args.quick else 2000)
 
     # Make every input first, so that no timing runs beside a writer.
-    if "kernel" in parts or "scaling" in parts:
+    if {"kernel", "scaling", "machine"} & set(parts):
         big_pair()
     if "scaling" in parts:
         scaling_set(scaling_pairs)
@@ -900,6 +968,10 @@ def main(argv: list[str] | None = None) -> None:  # noqa: C901 - one step per pa
         results["mixed"] = bench_mixed(repeat, mixed_sets, args.fixed)
     if "rerun" in parts:
         results["rerun"] = bench_rerun(repeat, rerun_pairs)
+    if "machine" in parts:
+        results["machine_part"] = machine_runs = bench_machine(repeat, args.baseline)
+        for name, runs in machine_runs["runs"].items():
+            print(f"{name:15s} {median(runs):.3f} s ({spread(runs)})  peak {median(runs, 'peak_mb'):.0f} MiB")
     results["bench_seconds"] = time.perf_counter() - started
 
     RESULTS.mkdir(exist_ok=True)
