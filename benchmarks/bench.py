@@ -3,7 +3,8 @@
 
     python benchmarks/bench.py                  # everything, 5 repetitions each
     python benchmarks/bench.py --quick          # 2 repetitions, smaller sets
-    python benchmarks/bench.py --only kernel    # or scaling, overhead, mixed, rerun
+    python benchmarks/bench.py --only kernel    # or scaling, overhead, mixed, rerun, machine
+    python benchmarks/bench.py --only machine --baseline DIR   # merge_pair vs the checkout in DIR
     python benchmarks/bench.py --profile        # cProfile of merge_pair on the big pair
     python benchmarks/bench.py --pool FILE...    # paired ratios of results/*.json, pooled
     python benchmarks/bench.py --pool ... --plot ratios.png      # and a plot of them
