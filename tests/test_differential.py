@@ -391,29 +391,25 @@ def check_file(raw: bytes, path: Path, tally: dict[str, int]) -> str | None:
     return None
 
 
-def run_files(count: int, seed: int, folder: Path) -> dict[str, int]:
-    """Check ``count`` generated files; fail listing the first divergences with their seeds."""
+def check_generated_file(rng: random.Random, folder: Path, tally: dict[str, int]) -> str | None:
+    """Generate and mutate one file, then :func:`check_file` it."""
+    how, raw = mutate(valid_file(rng), rng)
+    problem = check_file(raw, folder / "f.pt", tally)
+    return problem and f"{how}: {problem}"
+
+
+def run_cases(check: Callable, count: int, seed: int, folder: Path) -> dict[str, int]:
+    """Run ``check`` on ``count`` seeded cases; fail listing the first divergences with their seeds."""
     tally, failures = {"ok": 0, "refused": 0}, []
     for i in range(count):
-        rng = random.Random(f"{seed}-{i}")
-        how, raw = mutate(valid_file(rng), rng)
-        problem = check_file(raw, folder / "f.pt", tally)
+        problem = check(random.Random(f"{seed}-{i}"), folder, tally)
         if problem:
-            failures.append(f"file {seed}-{i} ({how}): {problem}")
-    assert not failures, f"{len(failures)} of {count} files diverge:\n" + "\n".join(failures[:10])
+            failures.append(f"case {seed}-{i} ({problem})")
+    assert not failures, f"{len(failures)} of {count} cases diverge:\n" + "\n".join(failures[:10])
     return tally
 
 
-def test_reader_agrees_with_torch_load_or_refuses(tmp_path):
-    tally = run_files(QUICK_FILES, 1, tmp_path)
-    # Both outcomes occur often: a generator or mutator gone dead would show.
-    assert min(tally.values()) > QUICK_FILES // 5, tally
-
-
-@pytest.mark.campaign
-def test_campaign_reader_agrees_with_torch_load_or_refuses(tmp_path):
-    tally = run_files(CAMPAIGN_FILES, int(os.environ.get("DASK_MERGE_CAMPAIGN_SEED", "1000")), tmp_path)
-    print(f"campaign: {CAMPAIGN_FILES} files, {tally}")
+CAMPAIGN_SEED = int(os.environ.get("DASK_MERGE_CAMPAIGN_SEED", "1000"))
 
 
 # --- end to end: merge_pair against the upstream merge ------------------------------------
@@ -451,6 +447,7 @@ def _reference(nucleotide: Path, protein: Path, label: object) -> dict | None:
 
 
 def check_pair(rng: random.Random, folder: Path, tally: dict[str, int]) -> str | None:
+    """Generate a pair, maybe mutate it, merge it, and compare with the upstream merge."""
     nucleotide, protein = _pair_files(rng, folder)
     output, label = folder / "p_merged.pt", rng.choice([None, "viral", 0])
     output.unlink(missing_ok=True)
@@ -471,22 +468,24 @@ def check_pair(rng: random.Random, folder: Path, tally: dict[str, int]) -> str |
     return None
 
 
-def run_pairs(count: int, seed: int, folder: Path) -> dict[str, int]:
-    tally, failures = {"ok": 0, "refused": 0}, []
-    for i in range(count):
-        problem = check_pair(random.Random(f"{seed}-{i}"), folder, tally)
-        if problem:
-            failures.append(f"pair {seed}-{i}: {problem}")
-    assert not failures, f"{len(failures)} of {count} pairs diverge:\n" + "\n".join(failures[:10])
-    return tally
+# --- the tests ---------------------------------------------------------------------------
+
+# Per kind: the check, cases in CI, cases in the campaign, and the least
+# share of either outcome (a generator or mutator gone dead would show).
+KINDS = {"files": (check_generated_file, QUICK_FILES, CAMPAIGN_FILES, 5),
+         "pairs": (check_pair, QUICK_PAIRS, CAMPAIGN_PAIRS, 10)}
 
 
-def test_merge_pair_agrees_with_the_upstream_merge_or_refuses(tmp_path):
-    tally = run_pairs(QUICK_PAIRS, 2, tmp_path)
-    assert min(tally.values()) > QUICK_PAIRS // 10, tally
+@pytest.mark.parametrize("kind", KINDS)
+def test_torch_load_and_the_upstream_merge_agree_or_we_refuse(tmp_path, kind):
+    check, count, _, share = KINDS[kind]
+    tally = run_cases(check, count, 1, tmp_path)
+    assert min(tally.values()) > count // share, tally
 
 
 @pytest.mark.campaign
-def test_campaign_merge_pair_agrees_with_the_upstream_merge_or_refuses(tmp_path):
-    tally = run_pairs(CAMPAIGN_PAIRS, int(os.environ.get("DASK_MERGE_CAMPAIGN_SEED", "1000")), tmp_path)
-    print(f"campaign: {CAMPAIGN_PAIRS} pairs, {tally}")
+@pytest.mark.parametrize("kind", KINDS)
+def test_campaign(tmp_path, kind):
+    check, _, count, _ = KINDS[kind]
+    tally = run_cases(check, count, CAMPAIGN_SEED, tmp_path)
+    print(f"campaign: {count} {kind} (seed {CAMPAIGN_SEED}): {tally}")
