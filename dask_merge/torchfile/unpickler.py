@@ -68,12 +68,19 @@ class Unpickler(RecordFastPaths):
         # CPython's unpickler starts a new stack at each MARK: no opcode may
         # reach below the last mark.  ``floor`` is where that mark stands.
         floor = 0
+        # Where the current FRAME ends (n + 1: none).  CPython's unpickler
+        # refuses an opcode that runs across a frame's end.
+        frame_end = n + 1
         memo: dict[int, object] = {}
         unpack_from = struct.unpack_from
         pos = base
         try:
             # Branches are ordered by how often torch's pickles use them.
             while pos < n:
+                if pos >= frame_end:
+                    if pos > frame_end:
+                        raise self._broken(frame_end, "an opcode runs across the end of its FRAME")
+                    frame_end = n + 1
                 op = data[pos]
                 pos += 1
                 if op == 0x71 or op == 0x72:  # BINPUT, LONG_BINPUT
@@ -219,7 +226,10 @@ class Unpickler(RecordFastPaths):
                         raise self._broken(pos, f"pickle protocol {data[pos]}")
                     pos += 1
                 elif op == 0x95:  # FRAME: a hint for buffered readers, but it must fit
-                    if pos + 8 + unpack_from("<Q", data, pos)[0] > n:
+                    if frame_end <= n:
+                        raise self._broken(pos, "a FRAME inside a FRAME")
+                    frame_end = pos + 8 + unpack_from("<Q", data, pos)[0]
+                    if frame_end > n:
                         raise self._broken(pos, "a FRAME runs past the end of the pickle")
                     pos += 8
                 elif op == 0x2E:  # STOP
