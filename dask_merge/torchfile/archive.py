@@ -121,6 +121,11 @@ class TorchArchive:
                 f"its version record {self._small_record('version', b'(missing)')[:20]!r} is "
                 f"not a file format version from 1 to {_MAX_VERSION}, as torch.load requires"
             )
+        start, size = self._records.get(".data/serialization_id", (0, 0))
+        try:  # torch.load decodes it (to log it) after unpickling
+            str(self.buffer[start : start + size], "utf-8")
+        except UnicodeDecodeError:
+            raise self._fail("its .data/serialization_id record is not UTF-8") from None
         alignment = self._small_record(".storage_alignment", b"64")
         try:
             int(alignment)
