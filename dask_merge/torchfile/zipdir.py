@@ -35,7 +35,9 @@ def zip_entries(buffer: bytes | memoryview) -> dict[str, tuple[int, int, int]]:
     end += tail
     _, disk, directory_disk, count_here, count, size, offset, _ = _END.unpack_from(buffer, end)
     # torch.save writes one disk; miniz (torch.load) refuses other disk numbers.
-    if disk or directory_disk or count_here != count:
+    # (0xFFFF: "see the zip64 end record", which is checked below.)
+    fields = disk, directory_disk, count_here, count
+    if 0xFFFF not in fields and (disk or directory_disk or count_here != count):
         raise ValueError("a multi-disk zip archive")
     # torch.save always writes zip64 end records; like miniz, use them whenever present.
     has_locator = end >= _END64_LOCATOR.size and buffer[end - _END64_LOCATOR.size : end - 16] == b"PK\x06\x07"
