@@ -377,7 +377,7 @@ except FileFormatError as err:
     (b"\x80\x02}}.", "STOP with a malformed stack"),
     (b"\x80\x02e.", "broken pickle"),
     (b"\x80\x02K\x01]a.", "broken pickle"),
-    (b"\x80\x02}K\x01K\x01s(tt.", "broken pickle"),
+    (b"\x80\x02})K\x01s.", "dict key of type tuple"),
     (b"\x80\x02}]]s.", "dict key of type list"),
 ], ids=["long_string", "string8", "long4_huge", "long4_negative", "protocol", "no_stop",
         "two_values", "appends_no_mark", "append_to_int", "tuple_key", "list_key"])
