@@ -37,7 +37,7 @@ import torch
 
 from dask_merge import MergeError, merge_pair
 from dask_merge.testing import reference_merge
-from dask_merge.torchfile import FloatRun, TensorRef, TorchArchive
+from dask_merge.torchfile import FloatRun, StorageRef, TensorRef, TorchArchive
 
 QUICK_FILES, QUICK_PAIRS = 1500, 60
 CAMPAIGN_FILES = int(os.environ.get("DASK_MERGE_CAMPAIGN", "20000"))
@@ -277,6 +277,8 @@ def plain_torch(obj: object) -> object:
     """What torch.load gave, as comparable values (floats and tensors by their bits)."""
     if isinstance(obj, torch.Tensor):
         return _tensor_key(obj.detach().resolve_neg().resolve_conj().numpy())
+    if isinstance(obj, torch.TypedStorage):  # a bare storage: the reader's StorageRef
+        return ("storage", _tensor_key(torch.tensor([], dtype=obj.dtype).set_(obj).numpy()))
     if type(obj) is float:
         return ("float", struct.pack("<d", obj))
     if isinstance(obj, dict):
@@ -290,6 +292,8 @@ def plain_reader(obj: object, archive: TorchArchive) -> object:
     """What the reader gave, in :func:`plain_torch`'s terms (float runs unrolled)."""
     if type(obj) is TensorRef:
         return _tensor_key(archive.array(obj))
+    if type(obj) is StorageRef:
+        return ("storage", _tensor_key(archive.array(TensorRef(obj, 0, (obj.numel,), (1,)))))
     if type(obj) is float:
         return ("float", struct.pack("<d", obj))
     if type(obj) is dict:

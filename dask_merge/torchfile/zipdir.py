@@ -64,7 +64,9 @@ def zip_entries(buffer: bytes | memoryview) -> dict[str, tuple[int, int, int]]:
          comment_length, member_disk, _, _, local) = _CENTRAL.unpack_from(buffer, position)
         if signature != b"PK\x01\x02":
             raise ValueError(f"a broken central directory entry at byte {position}")
-        if member_disk or flags & 0x41:
+        # Flags beyond a data descriptor, UTF-8 names and deflate options (encryption,
+        # patched data, ...): miniz (torch.load) refuses them as unsupported.
+        if member_disk or flags & ~0x080E:
             raise ValueError(f"a member on disk {member_disk} or encrypted (flags {flags:#x})")
         name_start = position + _CENTRAL.size
         name = str(buffer[name_start : name_start + name_length], "utf-8")
@@ -81,6 +83,8 @@ def zip_entries(buffer: bytes | memoryview) -> dict[str, tuple[int, int, int]]:
         if header[0] != b"PK\x03\x04":
             raise ValueError(f"member {name!r} has a broken local header")
         entries[name] = method, local + _LOCAL.size + header[9] + header[10], plain
+    if position > offset + size:  # miniz (torch.load) refuses it too
+        raise ValueError("the central directory's entries run past its size")
     if len(entries) != count:
         raise ValueError("two members share a name")
     return entries
