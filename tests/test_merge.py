@@ -252,7 +252,7 @@ def test_ragged_protein_widths_name_the_id(tmp_path, good):
      ["'a'", "not a list of floats"]),
     ({"nucleotide": ["a"], "data": [{"label": "a", "mean_representation": torch.ones(3)}]},
      ["'a'", "not a list of floats"]),
-    ({1: "x", "nucleotide": ["a"]}, ["'nucleotide'"]),
+    ({1: "x", "nucleotide": ["a"]}, ["a dict key of type int"]),  # refused as it is read
 ], ids=["no_data", "wrong_keys", "ids_not_list", "data_dict", "top_list", "length_mismatch",
         "id_not_str", "no_mean", "row_list", "label_mismatch", "ints", "tensor_row", "int_key"])
 def test_wrong_nucleotide_layouts_are_explained(tmp_path, good, content, needles):
