@@ -4,13 +4,13 @@
 >>> report = dask_merge.run("features/", output_dir="merged/")  # doctest: +SKIP
 
 Importing the package imports no Dask: the kernel (``merge_pair``), the
-planning (``find_pairs``, ``checkpoint_state``, ``plan``) and the report
+planning (``find_pairs``, ``checkpoint_state``, ``plan``, ``plan_pairs``) and the report
 need none, and an executor imports Dask when a run starts.  So a pool
 worker that only merges pairs imports no more than the kernel and the core
 of Dask that runs its tasks.
 """
 
-from .api import Plan, plan, run
+from .api import Plan, plan, plan_pairs, run
 from .errors import (
     ConfigurationError, FileFormatError, MergeError, MispairedError, OutputError, UnsafeFileError,
 )
@@ -37,5 +37,6 @@ __all__ = [
     "find_pairs",
     "merge_pair",
     "plan",
+    "plan_pairs",
     "run",
 ]

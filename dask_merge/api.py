@@ -22,17 +22,24 @@ import difflib
 import inspect
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .atomic import remove_stale_temporaries
 from .errors import ConfigurationError
 from .executors import Executor, get_executor
 from .layouts import MERGED_SUFFIX, NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX, label_value
 from .merge import check_max_dropped
-from .pairs import RECORD_FOLDER, Checkpoint, Pair, find_pairs, labelled_checkpoint_state
+from .pairs import (
+    RECORD_FOLDER, Checkpoint, Pair, build_pairs, find_pairs, labelled_checkpoint_state,
+)
 from .report import Report, _html, _html_table
 from .sources import ProteinSpec, is_h5
 from .tasks import Record
+
+if TYPE_CHECKING:
+    import dask.bag
 
 
 @dataclass(repr=False)
@@ -54,7 +61,7 @@ class Plan:
     done: list[tuple[Pair, Checkpoint]]
     unpaired: list[str]
     labels: list[int] | None  # as stored in each output: label_value(label)
-    output_dir: str
+    output_dir: str | None  # None: explicit pairs that write into several folders
     force: bool = False
     max_dropped: float | None = None
 
@@ -115,7 +122,7 @@ class Plan:
         pending, done = self._still_pending()
         skipped = [Record(p.name, "skipped", reason=c.reason, output=p.output) for p, c in done]
         start = time.perf_counter()
-        folders = {os.path.dirname(p.output) for p in pending}
+        folders = {_folder(p.output) for p in pending}
         folders |= {os.path.join(f, RECORD_FOLDER) for f in folders}  # and the records'
         for folder in folders:
             # A killed run's temporaries go now; one a live writer holds, never.
@@ -137,6 +144,47 @@ class Plan:
         return Report(skipped + records, self.unpaired, time.perf_counter() - start,
                       executor.name, dashboard)
 
+    def to_bag(self, *, partition_size: int | None = None) -> dask.bag.Bag:
+        """The lazy ``dask.bag`` of the records that :meth:`execute` computes.
+
+        One record per pending pair, as a dict with the keys of the JSON
+        report's ``pairs`` (:meth:`Record.to_dict <dask_merge.Record.to_dict>`),
+        made by the same tasks, named ``merge-pair`` on the dashboard, in
+        the order of those tasks (:meth:`execute` sorts the records back
+        into the plan's order).
+        Computing the bag merges the pairs and checkpoints each, as
+        :meth:`execute` does.  Compose it with your own graph:
+        ``plan.to_bag().filter(...)``, ``.to_dataframe()``, ``client.compute``.
+
+        What :meth:`execute` does and computing this bag does not:
+
+        - no crash isolation: a pair that kills its worker fails its task
+          (and the compute) as any task would, with the scheduler's own
+          retries (``allowed-failures`` on a cluster); :meth:`execute`'s
+          pool and cluster executors find that pair, fail it alone and
+          merge the pairs that shared its task;
+        - no re-check of the checkpoints: the bag merges the pairs pending
+          when the plan was made, with no record of those planned done;
+        - no removal of temporaries that killed runs left behind.
+
+        Parameters
+        ----------
+        partition_size
+            Pairs per task; by default cut as :meth:`execute` cuts them for
+            this machine's cores.
+
+        Examples
+        --------
+        >>> bag = dask_merge.plan("features/", output_dir="merged/").to_bag()  # doctest: +SKIP
+        >>> bag.filter(is_failed).compute(scheduler="processes")  # doctest: +SKIP
+        """
+        from .executors import _partitions, check_count
+        from .executors.graph import merge_bag
+
+        check_count("partition_size", partition_size, least=1, optional=True)
+        partitions = _partitions(self.pending, partition_size, os.cpu_count() or 1)
+        return merge_bag(partitions, self._merge_args, as_dicts=True)
+
     def _still_pending(self) -> tuple[list[Pair], list[tuple[Pair, Checkpoint]]]:
         if self.force:
             return self.pending, self.done
@@ -149,7 +197,12 @@ class Plan:
 
     def __repr__(self) -> str:
         return (f"<Plan: {len(self.pending)} pending, {len(self.done)} checkpointed, "
-                f"{len(self.unpaired)} without a partner -> {self.output_dir}>")
+                f"{len(self.unpaired)} without a partner -> {self._outputs}>")
+
+    @property
+    def _outputs(self) -> str:
+        """Where the outputs go, for people."""
+        return self.output_dir if self.output_dir is not None else "several folders"
 
     def _repr_html_(self) -> str:
         rows = [(p.name, "pending", "") for p in self.pending]
@@ -157,7 +210,7 @@ class Plan:
         rows += [(os.path.basename(u), "no partner", u) for u in self.unpaired]
         return _html_table(
             f"<b>dask_merge plan</b>: {len(self.pending)} pending, {len(self.done)} checkpointed, "
-            f"{len(self.unpaired)} without a partner; outputs in {_html(self.output_dir)}",
+            f"{len(self.unpaired)} without a partner; outputs in {_html(self._outputs)}",
             ("pair", "state", "why"), rows)
 
 
@@ -169,6 +222,8 @@ def plan(
     label: str | int | None = None,
     force: bool = False,
     max_dropped: float | None = None,
+    nucleotide_suffix: str = NUCLEOTIDE_SUFFIX,
+    protein_suffix: str = PROTEIN_SUFFIX,
 ) -> Plan:
     """Find the pairs and which of them are already merged.
 
@@ -179,6 +234,9 @@ def plan(
         the ``STEM_ESM.pt`` files, or the HDF5 file that VirNucPro v2 writes
         (``"esm/embeddings.h5"``), or a list of its shards; each
         ``STEM_DNABERT_S.pt`` is then merged with its rows there.
+    nucleotide_suffix, protein_suffix
+        As for :func:`~dask_merge.find_pairs`: the ends of the file names
+        paired by what comes before them.
     label
         The training label stored in each output: ``"viral"`` (1),
         ``"host"`` (0), an int, or None for none.
@@ -191,47 +249,123 @@ def plan(
     ------
     ConfigurationError
         A missing folder or HDF5 file, an output folder that cannot be
-        written, no pairs, a bad label or ``max_dropped``.
+        written, no pairs, a bad label, suffix or ``max_dropped``.
     """
-    if type(force) is not bool:
-        raise ConfigurationError(f"force must be True or False, not {force!r}")
+    labels = _check_plan_options(label, force, max_dropped)
     try:
-        check_max_dropped(max_dropped)
-        labels = label_value(label)
-        found = find_pairs(nucleotide_dir, protein_dir, output_dir)
-    except (ValueError, FileNotFoundError) as err:
+        found = find_pairs(nucleotide_dir, protein_dir, output_dir,
+                           nucleotide_suffix=nucleotide_suffix, protein_suffix=protein_suffix)
+    except FileNotFoundError as err:
         raise ConfigurationError(str(err)) from None
     output_dir = os.fspath(output_dir if output_dir is not None else nucleotide_dir)
     if not found.pairs:
         if protein_dir is not None and is_h5(protein_dir):
-            raise ConfigurationError(f"no pairs found: no STEM{NUCLEOTIDE_SUFFIX} in "
+            raise ConfigurationError(f"no pairs found: no STEM{nucleotide_suffix} in "
                                      f"{os.fspath(nucleotide_dir)}")
         raise ConfigurationError(_no_pairs(os.fspath(nucleotide_dir),
-                                           os.fspath(protein_dir or nucleotide_dir)))
-    _check_output_folder(output_dir)
-    pending, done = _by_checkpoint(found.pairs, labels, force=force)
-    return Plan(pending, done, found.unpaired, labels, output_dir, force, max_dropped)
+                                           os.fspath(protein_dir or nucleotide_dir),
+                                           nucleotide_suffix, protein_suffix))
+    return _plan(found.pairs, found.unpaired, output_dir, labels, force, max_dropped)
 
 
-def _no_pairs(nucleotide_dir: str, protein_dir: str) -> str:
+def _no_pairs(nucleotide_dir: str, protein_dir: str, nucleotide_suffix: str,
+              protein_suffix: str) -> str:
     """Why no pair was found, with what each folder holds instead."""
     def holds(folder: str) -> str:
         counts = {suffix: sum(1 for name in os.listdir(folder) if name.endswith(suffix)
                               and not name.startswith("."))
-                  for suffix in (NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX, MERGED_SUFFIX)}
+                  for suffix in (nucleotide_suffix, protein_suffix, MERGED_SUFFIX)}
         return f"{folder} holds " + ", ".join(f"{n} STEM{suffix}" for suffix, n in counts.items())
 
     where = [holds(nucleotide_dir)] + ([holds(protein_dir)] if protein_dir != nucleotide_dir else [])
     hint = ""
-    if (protein_dir != nucleotide_dir and not _has(nucleotide_dir, NUCLEOTIDE_SUFFIX)
-            and _has(nucleotide_dir, PROTEIN_SUFFIX) and _has(protein_dir, NUCLEOTIDE_SUFFIX)):
+    if (protein_dir != nucleotide_dir and not _has(nucleotide_dir, nucleotide_suffix)
+            and _has(nucleotide_dir, protein_suffix) and _has(protein_dir, nucleotide_suffix)):
         hint = "; were --nucleotide-dir and --protein-dir swapped?"
-    return (f"no pairs found: no STEM{NUCLEOTIDE_SUFFIX} in {nucleotide_dir} has a "
-            f"STEM{PROTEIN_SUFFIX} partner in {protein_dir} ({'; '.join(where)}){hint}")
+    return (f"no pairs found: no STEM{nucleotide_suffix} in {nucleotide_dir} has a "
+            f"STEM{protein_suffix} partner in {protein_dir} ({'; '.join(where)}){hint}")
 
 
 def _has(folder: str, suffix: str) -> bool:
     return any(n.endswith(suffix) and not n.startswith(".") for n in os.listdir(folder))
+
+
+def plan_pairs(
+    pairs: Iterable,
+    output_dir: str | os.PathLike[str] | None = None,
+    *,
+    label: str | int | None = None,
+    force: bool = False,
+    max_dropped: float | None = None,
+) -> Plan:
+    """Plan the merge of explicit pairs, however their files are named.
+
+    Parameters
+    ----------
+    pairs
+        ``(nucleotide_path, protein_path)`` or ``(nucleotide_path,
+        protein_path, output_path)`` tuples, in any iterable.  A pair without
+        an output writes ``output_dir/NAME_merged.pt``, NAME being the
+        nucleotide file's name without ``.pt`` and without a trailing
+        ``_DNABERT_S`` (:func:`~dask_merge.pairs.output_name`), as in
+        folder mode.  A pair's name in the plan and report is its output's
+        stem (:func:`~dask_merge.pairs.pair_name`).
+    output_dir
+        Where the outputs of pairs without one go.
+    label, force, max_dropped
+        As for :func:`plan`.
+
+    Raises
+    ------
+    ConfigurationError
+        Before any work: a pair that is not such a tuple, a missing input,
+        a pair without output and no ``output_dir``, two pairs that write
+        one output, an output that is an input, an output folder that
+        cannot be written, a bad label or ``max_dropped``.
+
+    Examples
+    --------
+    >>> job = plan_pairs([("a/file_0_DNABERT.pt", "b/file_0_ESM.pt")],
+    ...                  "merged/")  # doctest: +SKIP
+    >>> job.pending[0].output  # doctest: +SKIP
+    'merged/file_0_DNABERT_merged.pt'
+    """
+    labels = _check_plan_options(label, force, max_dropped)
+    built = build_pairs(pairs, output_dir)
+    return _plan(built, [], None if output_dir is None else os.fspath(output_dir), labels, force,
+                 max_dropped)
+
+
+def _check_plan_options(label: str | int | None, force: bool,
+                        max_dropped: float | None) -> list[int] | None:
+    """The label as stored (``label_value``), once the options are checked."""
+    if type(force) is not bool:
+        raise ConfigurationError(f"force must be True or False, not {force!r}")
+    try:
+        check_max_dropped(max_dropped)
+        return label_value(label)
+    except ValueError as err:
+        raise ConfigurationError(str(err)) from None
+
+
+def _plan(pairs: list[Pair], unpaired: list[str], output_dir: str | None,
+          labels: list[int] | None, force: bool, max_dropped: float | None) -> Plan:
+    """What :func:`plan` and :func:`plan_pairs` share: the output folders, the checkpoints.
+
+    Without ``output_dir``, the plan's is the outputs' folder if they share one.
+    """
+    folders = list(dict.fromkeys(_folder(pair.output) for pair in pairs))
+    for folder in folders:
+        _check_output_folder(folder)
+    if output_dir is None and len(folders) == 1:
+        output_dir = folders[0]
+    pending, done = _by_checkpoint(pairs, labels, force=force)
+    return Plan(pending, done, unpaired, labels, output_dir, force, max_dropped)
+
+
+def _folder(path: str) -> str:
+    """The folder of ``path``, ``.`` for a bare file name (``os.scandir("")`` fails)."""
+    return os.path.dirname(path) or "."
 
 
 def _check_output_folder(output_dir: str) -> None:
@@ -267,6 +401,8 @@ def run(
     label: str | int | None = None,
     force: bool = False,
     max_dropped: float | None = None,
+    nucleotide_suffix: str = NUCLEOTIDE_SUFFIX,
+    protein_suffix: str = PROTEIN_SUFFIX,
     **options,
 ) -> Report:
     """Plan and execute in one call: ``plan(...).execute(**options)``.
@@ -275,9 +411,11 @@ def run(
     """
     accepted = inspect.signature(get_executor).parameters
     for name in options.keys() - accepted.keys():
-        close = difflib.get_close_matches(name, [*accepted, "label", "force", "max_dropped"], 1)
+        close = difflib.get_close_matches(name, [*accepted, "label", "force", "max_dropped",
+                                                   "nucleotide_suffix", "protein_suffix"], 1)
         raise TypeError(f"run() got an unexpected option {name!r}"
                         + (f"; did you mean {close[0]!r}?" if close else ""))
     executor = get_executor(**options)
     return plan(nucleotide_dir, protein_dir, output_dir, label=label, force=force,
-                max_dropped=max_dropped).execute(executor)
+                max_dropped=max_dropped, nucleotide_suffix=nucleotide_suffix,
+                protein_suffix=protein_suffix).execute(executor)

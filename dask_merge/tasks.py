@@ -87,6 +87,11 @@ def merge_pairs(pairs: Sequence[Pair], labels: list[int] | None,
         return [merge_one(Pair(*pair), labels, max_dropped) for pair in pairs]
 
 
+def records_as_dicts(records: list[Record]) -> list[dict]:
+    """A task's records as the JSON report has them (:meth:`Record.to_dict`)."""
+    return [record.to_dict() for record in records]
+
+
 def crashed(pairs: Sequence[Pair], why: str) -> list[Record]:
     """Records of pairs whose worker died under them, after every retry."""
     return [Record(Pair(*p).name, "failed", error=f"{why}; the pair was retried, then given up")

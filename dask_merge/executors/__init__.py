@@ -77,11 +77,7 @@ class Executor(abc.ABC):
         for option, value, least, optional in (("workers", workers, 1, True),
                                                ("partition_size", partition_size, 1, True),
                                                ("retries", retries, 0, False)):
-            if not (value is None and optional or (  # numpy's ints are Integral too
-                    isinstance(value, numbers.Integral) and not isinstance(value, bool)
-                    and value >= least)):
-                raise ConfigurationError(f"{option} must be an int of at least {least}"
-                                         f"{' (or None)' if optional else ''}, not {value!r}")
+            check_count(option, value, least=least, optional=optional)
         if type(progress) is not bool:
             raise ConfigurationError(f"progress must be True or False, not {progress!r}")
         # numpy's ints pass the check; distributed asserts Python ints.
@@ -103,6 +99,20 @@ class Executor(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name}, {self.workers} workers>"
+
+
+def check_count(option: str, value: object, *, least: int, optional: bool) -> None:
+    """Refuse an option that is not an int of at least ``least`` (or None, if ``optional``).
+
+    >>> check_count("partition_size", 0, least=1, optional=True)
+    Traceback (most recent call last):
+    dask_merge.errors.ConfigurationError: partition_size must be an int of at least 1 (or None), not 0
+    """
+    if not (value is None and optional or (  # numpy's ints are Integral too
+            isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            and value >= least)):
+        raise ConfigurationError(f"{option} must be an int of at least {least}"
+                                 f"{' (or None)' if optional else ''}, not {value!r}")
 
 
 def no_cluster_options(*, performance_report: str | None) -> None:

@@ -15,7 +15,7 @@ import dask.threaded
 from dask.base import tokenize
 
 from ..pairs import Pair
-from ..tasks import merge_pairs
+from ..tasks import merge_pairs, records_as_dicts
 from . import TASK_NAME
 
 
@@ -28,11 +28,14 @@ LOCAL_SCHEDULERS = {
 }
 
 
-def merge_bag(partitions: list[list[Pair]], merge_args: tuple) -> db.Bag:
+def merge_bag(partitions: list[list[Pair]], merge_args: tuple, *,
+              as_dicts: bool = False) -> db.Bag:
     """A bag with one task per partition, :func:`~dask_merge.tasks.merge_pairs` of its pairs and ``merge_args``.
 
     The pairs are the tasks' arguments, not keys of their own: the dashboard
-    and the progress widget count ``merge-pair`` tasks only.
+    and the progress widget count ``merge-pair`` tasks only.  ``as_dicts``:
+    each task turns its records into dicts itself (a task within the task),
+    so that a bag for users holds plain data under the same task names.
     """
     # Plain tuples: Dask walks a namedtuple argument to rebuild it (40 ms for
     # 2,000 pairs); merge_pairs makes Pairs again.
@@ -40,8 +43,10 @@ def merge_bag(partitions: list[list[Pair]], merge_args: tuple) -> db.Bag:
     # Named after the outputs and the cut, hashed as one string: tokenizing
     # the nested tuples costs 30 ms per 2,000 pairs.
     outputs = "\n".join(pair.output for part in partitions for pair in part)
-    name = f"{TASK_NAME}-{tokenize(outputs, [len(b) for b in batches], merge_args)}"
-    graph = {(name, i): (merge_pairs, batch, *merge_args) for i, batch in enumerate(batches)}
+    # as_dicts is in the name: a cluster must never hand one bag's results to the other.
+    name = f"{TASK_NAME}-{tokenize(outputs, [len(b) for b in batches], merge_args, as_dicts)}"
+    graph = {(name, i): (records_as_dicts, (merge_pairs, batch, *merge_args)) if as_dicts
+             else (merge_pairs, batch, *merge_args) for i, batch in enumerate(batches)}
     return db.Bag(graph, name, len(partitions))
 
 
