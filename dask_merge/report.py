@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import json
+import typing
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from .atomic import atomic_write
 from .tasks import Record
+
+if TYPE_CHECKING:
+    import pandas
 
 HTML_ROWS = 200  # rows of a plan or report shown in a notebook
 DROP_WARNING = 0.1  # see Report.warnings
@@ -53,6 +59,34 @@ class Report:
             "scheduler": self.scheduler,
             "dashboard": self.dashboard,
         }
+
+    def to_dataframe(self) -> pandas.DataFrame:
+        """A pandas DataFrame with one row per pair, the JSON report's keys as columns.
+
+        The columns are those of :meth:`Record.to_dict <dask_merge.Record.to_dict>`
+        (``name``, ``status``, ``rows``, ...), in its order, even with no pairs.
+
+        >>> Report([Record("output_0", "merged", rows=300)], [], 1.0, "sync").to_dataframe()[
+        ...     ["name", "status", "rows"]]
+               name  status  rows
+        0  output_0  merged   300
+
+        Raises
+        ------
+        ImportError
+            pandas is not installed (the message says how to install it).
+        """
+        try:
+            import pandas
+        except ImportError as err:
+            raise ImportError("Report.to_dataframe needs pandas, which is not installed: "
+                              "pip install pandas (or to_dict() for plain data)") from err
+        columns = [f.name for f in dataclasses.fields(Record)]
+        frame = pandas.DataFrame([r.to_dict() for r in self.records], columns=columns)
+        # Counts as integers that may be missing (pandas' Int64), not floats with NaN.
+        hints = typing.get_type_hints(Record)
+        return frame.astype({name: "Int64" for name in columns
+                             if int in typing.get_args(hints[name])})
 
     def to_json(self, path: str) -> None:
         """Write the report to ``path``, complete or not at all (:class:`OutputError`)."""
