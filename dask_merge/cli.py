@@ -41,8 +41,7 @@ def _exits_130_on_ctrl_c(command):
         try:
             command(**options)
         except KeyboardInterrupt:
-            _interrupted(options["nucleotide_dir"], _protein_side(options), options["output_dir"],
-                         options["label"], started, forced=options["force"])
+            _interrupted(options, started)
     return wrapper
 
 
@@ -57,7 +56,8 @@ class _FoldersAsOptions(click.Command):
         if stray and "--help" not in args and "-h" not in args:
             raise click.UsageError(
                 f"folders are given as options, not as arguments ({' '.join(stray)}): "
-                "dask-merge run --nucleotide-dir DIR [--protein-dir DIR] --output-dir DIR", ctx)
+                "dask-merge run --nucleotide-dir DIR [--protein-dir DIR] --output-dir DIR, or "
+                "dask-merge run --pairs FILE [--output-dir DIR]", ctx)
         return super().parse_args(ctx, args)
 
 
@@ -68,15 +68,23 @@ def main() -> None:
 
 
 @main.command("run", cls=_FoldersAsOptions)
-@click.option("--nucleotide-dir", required=True, type=click.Path(file_okay=False),
-              help="Folder of STEM_DNABERT_S.pt files.")
+@click.option("--nucleotide-dir", type=click.Path(file_okay=False),
+              help="Folder of STEM_DNABERT_S.pt files (folder mode).")
 @click.option("--protein-dir", type=click.Path(file_okay=False),
               help="Folder of STEM_ESM.pt files [default: the nucleotide folder].")
 @click.option("--protein-h5", multiple=True, metavar="FILE",
               help="Instead of --protein-dir: the ESM-2 HDF5 file of VirNucPro v2 (embeddings.h5); "
                    "repeat it, or give a quoted glob ('esm/shard_*.h5'), for shards.")
-@click.option("--output-dir", required=True, type=click.Path(file_okay=False),
-              help="Folder for STEM_merged.pt files (created if missing).")
+@click.option("--nucleotide-suffix", metavar="SUFFIX",
+              help="Pair files named STEM+SUFFIX in the nucleotide folder [default: _DNABERT_S.pt].")
+@click.option("--protein-suffix", metavar="SUFFIX",
+              help="... with files named STEM+SUFFIX in the protein folder [default: _ESM.pt].")
+@click.option("--pairs", "pairs_file", type=click.Path(exists=True, dir_okay=False),
+              help="Merge the pairs FILE lists instead of a folder's: one pair a line, "
+                   "NUCLEOTIDE<tab>PROTEIN[<tab>OUTPUT], paths relative to FILE's folder.")
+@click.option("--output-dir", type=click.Path(file_okay=False),
+              help="Folder for STEM_merged.pt files (created if missing); with --pairs, of the "
+                   "pairs without an OUTPUT.")
 @click.option("--scheduler", default="processes", show_default=True,
               help="processes | threads | sync | local | tcp://HOST:PORT of a running scheduler.")
 @click.option("--scheduler-file", type=click.Path(dir_okay=False),
@@ -100,15 +108,19 @@ def main() -> None:
               help="Fail a pair (writing nothing) when more than this share of a file's ids "
                    "has no partner [default: merge, and warn above 0.1].")
 @_exits_130_on_ctrl_c
-def run_command(nucleotide_dir, protein_dir, protein_h5, output_dir, scheduler, scheduler_file,
-                workers, dashboard_address, label, force, dry_run, report_path, no_progress,
-                retries, partition_size, performance_report, max_dropped) -> None:
-    """Merge every pair of NUCLEOTIDE-DIR / PROTEIN-DIR (or PROTEIN-H5) into OUTPUT-DIR."""
+def run_command(nucleotide_dir, protein_dir, protein_h5, nucleotide_suffix, protein_suffix,
+                pairs_file, output_dir, scheduler, scheduler_file, workers, dashboard_address,
+                label, force, dry_run, report_path, no_progress, retries, partition_size,
+                performance_report, max_dropped) -> None:
+    """Merge every pair of NUCLEOTIDE-DIR / PROTEIN-DIR (or PROTEIN-H5), or those --pairs
+    lists, into OUTPUT-DIR."""
     if protein_dir and protein_h5:
         _fail("give --protein-dir or --protein-h5, not both")
-    protein = _protein_side({"protein_dir": protein_dir, "protein_h5": protein_h5})
-    from . import ConfigurationError, plan
+    from . import ConfigurationError
     from .executors import get_executor
+
+    _check_pair_source(nucleotide_dir, protein_dir or protein_h5 or None, nucleotide_suffix,
+                       protein_suffix, pairs_file, output_dir)
 
     try:  # a typo'd scheduler fails before planning makes the output folder
         executor = get_executor(
@@ -123,8 +135,7 @@ def run_command(nucleotide_dir, protein_dir, protein_h5, output_dir, scheduler, 
         if folder and not os.path.isdir(folder):
             _fail(f"cannot write {path}: folder {folder} does not exist")
     try:
-        the_plan = plan(nucleotide_dir, protein, output_dir, label=label, force=force,
-                        max_dropped=max_dropped)
+        the_plan = _planned(click.get_current_context().params, force=force)
     except ConfigurationError as err:
         _fail(str(err))
     _print_plan(the_plan, verbose=dry_run)
@@ -134,7 +145,40 @@ def run_command(nucleotide_dir, protein_dir, protein_h5, output_dir, scheduler, 
         report = the_plan.execute(executor)
     except ConfigurationError as err:
         _fail(str(err))
-    _finish(report, output_dir, report_path)
+    _finish(report, the_plan.output_dir, report_path)
+
+
+def _check_pair_source(nucleotide_dir, protein, nucleotide_suffix, protein_suffix,
+                       pairs_file, output_dir) -> None:
+    """Folder mode or ``--pairs``, with the options each takes: else a usage error (exit 2)."""
+    if (nucleotide_dir is None) == (pairs_file is None):
+        raise click.UsageError("give either --nucleotide-dir (folder mode) or --pairs FILE"
+                               + (", not both" if pairs_file else ""))
+    if nucleotide_dir is not None and output_dir is None:
+        raise click.UsageError("Missing option '--output-dir'.")
+    folder_only = [option for option, value in (("--protein-dir/--protein-h5", protein),
+                                                ("--nucleotide-suffix", nucleotide_suffix),
+                                                ("--protein-suffix", protein_suffix))
+                   if value is not None]
+    if pairs_file is not None and folder_only:
+        raise click.UsageError(f"{', '.join(folder_only)}: for folder mode (--nucleotide-dir), "
+                               "not with --pairs, whose FILE names every file")
+
+
+def _planned(options: dict, *, force: bool):
+    """The plan of the command's options: of a folder, or of a pairs file."""
+    from . import plan, plan_pairs
+
+    if options["pairs_file"] is not None:
+        from .pairlist import read_pairs_file
+
+        return plan_pairs(read_pairs_file(options["pairs_file"]), options["output_dir"],
+                          label=options["label"], force=force, max_dropped=options["max_dropped"])
+    suffixes = {f"{side}_suffix": options[f"{side}_suffix"] for side in ("nucleotide", "protein")
+                if options[f"{side}_suffix"] is not None}
+    return plan(options["nucleotide_dir"], _protein_side(options), options["output_dir"],
+                label=options["label"], force=force, max_dropped=options["max_dropped"],
+                **suffixes)
 
 
 def _protein_side(options: dict):
@@ -167,14 +211,13 @@ def _print_plan(the_plan, *, verbose: bool) -> None:
             click.echo(f"no partner    {path}")
 
 
-def _interrupted(nucleotide_dir, protein_dir, output_dir, label, started, *, forced: bool) -> None:
+def _interrupted(options: dict, started: float) -> None:
     # Workers are stopped and temporaries removed by the executor; tell what is done.
     again = "Run the same command again to resume."
     try:
-        from . import plan  # Ctrl-C may have broken off its import
-
-        after = plan(nucleotide_dir, protein_dir, output_dir, label=label)
-        if forced:  # the same command would merge every pair again
+        # Ctrl-C may have broken off the package's import
+        after = _planned(options, force=False)
+        if options["force"]:  # the same command would merge every pair again
             done = (f"{len(after.done)} pairs have an up-to-date output (this run's or older), "
                     f"{len(after.pending)} do not. ")
             again = "Run the command again without --force to merge only those."
@@ -190,7 +233,7 @@ def _interrupted(nucleotide_dir, protein_dir, output_dir, label, started, *, for
     sys.exit(EXIT_INTERRUPTED)
 
 
-def _finish(report: Report, output_dir: str, report_path: str | None) -> None:
+def _finish(report: Report, output_dir: str | None, report_path: str | None) -> None:
     """Write the report, print the summary (stdout) and warnings (stderr), exit."""
     from .errors import MergeError
 
@@ -209,7 +252,8 @@ def _finish(report: Report, output_dir: str, report_path: str | None) -> None:
     for warning in report.warnings():
         click.echo(f"dask-merge: {warning}", err=True)
     click.echo(report.summary(), err=to_stdout)
-    click.echo(f"outputs in {os.path.abspath(output_dir)}"
+    where = os.path.abspath(output_dir) if output_dir is not None else "the listed folders"
+    click.echo(f"outputs in {where}"
                + (f"; report in {written}" if written else ""), err=to_stdout)
     sys.exit(code)
 
