@@ -27,11 +27,14 @@ skip, but on CI (root in a container with CAP_SYS_ADMIN) they run.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
+import struct
 import sys
 import threading
 import time
@@ -321,40 +324,47 @@ def test_ctrl_c_to_the_fork_server_as_it_starts_is_held_then_dropped(tmp_path):
 
 
 class Victim:
-    """A pair whose nucleotide input becomes a FIFO after planning.
+    """A pair whose nucleotide input holds every worker that opens it, until the test decides.
 
-    The worker merging it blocks reading the FIFO, so the test knows which
-    process is mid-pair: the one holding the FIFO open.
+    A fanotify permission mark on the file makes each ``open()`` of it wait
+    for this test's answer, and tells the opener's pid: the test knows which
+    process is mid-pair, kills it there (a real SIGKILL of a real worker), or
+    lets it read the file.  It needs CAP_SYS_ADMIN, as the tmpfs tests do.
     """
+
+    _EVENT = struct.Struct("<IBBHQii")  # struct fanotify_event_metadata
+    _ALLOW = 0x01
 
     def __init__(self, features: Path, stem: str):
         self.path = features / f"{stem}_DNABERT_S.pt"
-        self.content = self.path.read_bytes()
-        self.saved = self.path.with_name("saved.bin")
-        self.saved.write_bytes(self.content)
-        self.path.unlink()
-        os.mkfifo(self.path)
-        # Held open read-write: the worker's open() never blocks, its read()
-        # waits for data, and EOF comes only when this end is closed.
-        self.fd = os.open(self.path, os.O_RDWR)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64,
+                                       ctypes.c_int, ctypes.c_char_p]
+        # FAN_CLASS_CONTENT | FAN_CLOEXEC; then FAN_MARK_ADD of FAN_OPEN_PERM on the file
+        self.fd = libc.fanotify_init(0x4 | 0x1, os.O_RDONLY)
+        if self.fd < 0 or libc.fanotify_mark(self.fd, 0x1, 0x10000, -100,
+                                              os.fsencode(self.path)) < 0:
+            pytest.skip(f"no fanotify permission events here: {os.strerror(ctypes.get_errno())}")
         self.kills = 0
 
-    def reader(self, timeout: float = 60) -> psutil.Process:
-        """Wait for a descendant of this process that has the FIFO open."""
-        deadline = time.monotonic() + timeout
-        target = str(self.path)
-        while time.monotonic() < deadline:
-            for process in psutil.Process().children(recursive=True):
-                with contextlib.suppress(OSError, psutil.Error):
-                    for fd in os.listdir(f"/proc/{process.pid}/fd"):
-                        with contextlib.suppress(OSError):
-                            if os.readlink(f"/proc/{process.pid}/fd/{fd}") == target:
-                                return process
-            time.sleep(0.02)
-        raise AssertionError("no worker opened the victim pair")
+    def _next_opener(self, timeout: float) -> tuple[int, int]:
+        """Wait for a process to open the file; return its pid and the event's fd."""
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            raise AssertionError("no worker opened the victim pair")
+        _, _, _, _, _, event_fd, pid = self._EVENT.unpack_from(os.read(self.fd, 4096))
+        return pid, event_fd
+
+    def _answer(self, event_fd: int) -> None:
+        with contextlib.suppress(OSError):  # the opener may be dead already
+            os.write(self.fd, struct.pack("<iI", event_fd, self._ALLOW))
+        os.close(event_fd)
 
     def kill_reader(self, timeout: float = 60) -> None:
-        process = self.reader(timeout)
+        """Kill the next process that opens the file, as it opens it."""
+        pid, event_fd = self._next_opener(timeout)
+        process = psutil.Process(pid)
+        assert process in psutil.Process().children(recursive=True), process
         process.kill()
         # Wait without reaping: the pool (or the nanny) must see the death itself.
         deadline = time.monotonic() + 10
@@ -362,22 +372,19 @@ class Victim:
             while process.status() != psutil.STATUS_ZOMBIE:
                 assert time.monotonic() < deadline, "the killed worker lives on"
                 time.sleep(0.01)
+        self._answer(event_fd)
         self.kills += 1
 
-    def feed_reader(self) -> None:
-        """Let the next worker read the real bytes, then EOF."""
-        self.reader()
-        view = memoryview(self.content)
-        while view:
-            view = view[os.write(self.fd, view[: 1 << 16]) :]
+    def feed_reader(self, timeout: float = 60) -> None:
+        """Let the next process that opens the file read it, and every later one."""
+        _, event_fd = self._next_opener(timeout)
+        self._answer(event_fd)
         self.close()
 
     def close(self) -> None:
+        """Stop holding openers: closing the group allows every waiting open."""
         with contextlib.suppress(OSError):
             os.close(self.fd)
-
-    def restore(self) -> None:
-        os.replace(self.saved, self.path)
 
 
 def _execute_in_thread(the_plan, **options):
@@ -424,7 +431,6 @@ def test_a_worker_killed_mid_pair_is_retried_then_reported(tmp_path, scheduler, 
         victim.close()
     assert "error" not in result, result.get("error")
     report = result["report"]
-    victim.restore()
     assert victim.kills == kills
 
     counts = report.counts
@@ -446,12 +452,11 @@ def test_a_worker_killed_mid_pair_is_retried_then_reported(tmp_path, scheduler, 
     # the pool's workers, the fork server's children, are in this list)
     assert_all_gone([p for p in psutil.Process().children(recursive=True)
                      if p not in before and not _lives_with_the_interpreter(p)])
-    # The rerun does only the victim: missing, or (merged from the FIFO, now
-    # restored to a regular file) with an input changed since its merge.
+    # The rerun does exactly what is missing: the victim, if it was given up.
     pending = dask_merge.plan(features, output_dir=out).pending
-    assert [p.name for p in pending] == ["output_2"]
+    assert [p.name for p in pending] == ([] if kills == 1 else ["output_2"])
     again = dask_merge.run(features, output_dir=out, scheduler="sync", progress=False)
-    assert again.counts == {"merged": 1, "skipped": 5, "failed": 0}
+    assert again.counts == {"merged": kills - 1, "skipped": 7 - kills, "failed": 0}
     assert_outputs_correct(out, features)
 
 
@@ -472,7 +477,6 @@ def test_a_batch_whose_worker_dies_blames_only_the_culprit(tmp_path, scheduler):
         victim.close()
     assert "error" not in result, result.get("error")
     report = result["report"]
-    victim.restore()
     assert victim.kills >= 2  # the batch, then the pair alone
     by_name = {r.name: r for r in report.records}
     assert report.counts == {"merged": 5, "skipped": 0, "failed": 1}, report.summary()
