@@ -14,14 +14,13 @@ the same things:
   beside the checkpoint records;
 * a rerun merges exactly the pairs not yet done.
 
-A worker is killed "mid-pair" deterministically: between planning and
-merging, the victim pair's nucleotide file is replaced by a FIFO.  The worker
-that merges the pair opens it and blocks reading it; the test finds the
-process holding the FIFO (``/proc/PID/fd``), kills it, and on the retry
-either kills again or writes the real file's bytes into the FIFO.
+A worker is killed "mid-pair" deterministically: a fanotify permission mark
+on the victim pair's nucleotide file makes the worker that opens it wait for
+the test, which learns its pid, kills it, and on the retry either kills again
+or lets it read.
 
-Mounts (tmpfs) need root; where they are impossible the tests say why and
-skip, but on CI (root in a container with CAP_SYS_ADMIN) they run.
+Mounts (tmpfs) and fanotify need root; where they are impossible the tests
+say why and skip, but on CI (root with CAP_SYS_ADMIN) they run.
 """
 
 from __future__ import annotations
