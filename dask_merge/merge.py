@@ -9,7 +9,7 @@ from __future__ import annotations
 import numbers
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,13 +112,47 @@ def merge_pair(
                 started=start)
 
 
-def join(nucleotide: Source, protein: Source, output_file: str, *, labels: list[int] | None,
-         max_dropped: float | None = None, started: float | None = None) -> MergeResult:
-    """Write the merged features of two opened sources (see :func:`merge_pair`).
+@dataclass(frozen=True)
+class Join:
+    """Two opened sources joined by id: which rows of each make the merged rows.
 
-    ``started``: the :func:`time.perf_counter` the result's seconds count from.
+    Merged row ``k`` is ``cat(nucleotide row nucleotide_rows[k], protein row
+    protein_rows[k])``, of id ``ids[k]``.
     """
-    start = time.perf_counter() if started is None else started
+
+    nucleotide: Source
+    protein: Source
+    ids: list[str]
+    nucleotide_rows: list[int]
+    protein_rows: list[int]
+    nucleotide_only: list[str]
+    protein_only: list[str]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The merged matrix's (rows, width)."""
+        return len(self.ids), self.nucleotide.width + self.protein.width
+
+    def fill(self, out: np.ndarray, rows: slice | Sequence[int]) -> None:
+        """Write merged rows ``rows`` (a slice or positions) into ``out``, one after the other."""
+        if isinstance(rows, slice):
+            nucleotide, protein = self.nucleotide_rows[rows], self.protein_rows[rows]
+        else:
+            nucleotide = [self.nucleotide_rows[k] for k in rows]
+            protein = [self.protein_rows[k] for k in rows]
+        width = self.nucleotide.width
+        self.nucleotide.fill(out[:, :width], nucleotide)
+        self.protein.fill(out[:, width:], protein)
+
+
+def match(nucleotide: Source, protein: Source, *, max_dropped: float | None = None) -> Join:
+    """Join two opened sources by id, as :func:`merge_pair` does; write nothing.
+
+    Raises
+    ------
+    MispairedError
+        They share no id, or drop more than ``max_dropped`` of either side's ids.
+    """
     position = protein.positions()
     nucleotide_rows, protein_rows, ids, nucleotide_only = [], [], [], []
     for i, seq_id in enumerate(nucleotide.ids):
@@ -150,11 +184,34 @@ def join(nucleotide: Source, protein: Source, output_file: str, *, labels: list[
                 )
     nucleotide.prepare(nucleotide_rows)
     protein.prepare(protein_rows)
-
-    width = nucleotide.width
-    shape = (len(ids), width + protein.width)
     if not protein.whole_data_set and os.path.isfile(protein.path):  # HDF5 rows are rows: no memo gets
-        _check_growth(nucleotide.path, protein.path, 4 * shape[0] * shape[1])
+        _check_growth(nucleotide.path, protein.path,
+                      4 * len(ids) * (nucleotide.width + protein.width))
+    return Join(nucleotide, protein, ids, nucleotide_rows, protein_rows, nucleotide_only,
+                protein_only)
+
+
+def join_pair(nucleotide_file: str | os.PathLike[str], protein_file: ProteinSpec) -> Join:
+    """Open a pair and join it by id, as :func:`merge_pair` does; write nothing.
+
+    Raises
+    ------
+    MergeError
+        As :func:`merge_pair` does for its inputs.
+    """
+    protein = open_protein(protein_file)
+    return match(read_features(nucleotide_file, "nucleotide"), protein)
+
+
+def join(nucleotide: Source, protein: Source, output_file: str, *, labels: list[int] | None,
+         max_dropped: float | None = None, started: float | None = None) -> MergeResult:
+    """Write the merged features of two opened sources (see :func:`merge_pair`).
+
+    ``started``: the :func:`time.perf_counter` the result's seconds count from.
+    """
+    start = time.perf_counter() if started is None else started
+    joined = match(nucleotide, protein, max_dropped=max_dropped)
+    shape = joined.shape
 
     def blocks() -> Iterator[np.ndarray]:
         # Rows are assembled a block at a time into one small buffer, which
@@ -164,20 +221,19 @@ def join(nucleotide: Source, protein: Source, output_file: str, *, labels: list[
         buffer = np.empty((min(step, shape[0]), shape[1]), np.float32)
         for start in range(0, shape[0], step):
             block = buffer[: min(step, shape[0] - start)]
-            nucleotide.fill(block[:, :width], nucleotide_rows[start : start + step])
-            protein.fill(block[:, width:], protein_rows[start : start + step])
+            joined.fill(block, slice(start, start + step))
             yield block
 
-    write_merged(output_file, ids, ArrayBlocks(shape, np.dtype(np.float32), blocks()), labels)
+    write_merged(output_file, joined.ids, ArrayBlocks(shape, np.dtype(np.float32), blocks()), labels)
     return MergeResult(
         output=output_file,
-        rows=len(ids),
-        nucleotide_width=width,
+        rows=len(joined.ids),
+        nucleotide_width=nucleotide.width,
         protein_width=protein.width,
-        nucleotide_only=len(nucleotide_only),
-        protein_only=len(protein_only),
-        nucleotide_only_examples=tuple(nucleotide_only[:EXAMPLES]),
-        protein_only_examples=tuple(protein_only[:EXAMPLES]),
+        nucleotide_only=len(joined.nucleotide_only),
+        protein_only=len(joined.protein_only),
+        nucleotide_only_examples=tuple(joined.nucleotide_only[:EXAMPLES]),
+        protein_only_examples=tuple(joined.protein_only[:EXAMPLES]),
         seconds=time.perf_counter() - start,
     )
 

@@ -1,0 +1,276 @@
+"""A merged feature file's header, read without its tensor data; then its rows, read alone.
+
+:func:`read_merged_header` reads a ``STEM_merged.pt`` file's zip central
+directory and its ``data.pkl`` record with :func:`os.pread` (a few small
+reads at the end and the start of the file) and runs the safe pickle machine
+of :mod:`dask_merge.archive` on that record only: the ids, the labels, the
+shape of the feature matrix and where its bytes lie, not the bytes.  Reading
+the header of a 127 MB file costs well under a millisecond.
+
+:func:`read_rows` then reads the matrix's rows, and only them, refusing a
+file whose size, mtime or inode changed since its header was read, rather
+than return rows of another file under the header's ids.
+
+No Dask here: :mod:`dask_merge.explore` and the checks map these functions.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import struct
+from typing import NamedTuple
+
+import numpy as np
+
+from .archive import (
+    _CENTRAL, _END, _END64, _END64_LOCATOR, _LOCAL, TensorRef, TorchArchive, _zip64_extra,
+    short_repr,
+)
+from .errors import FileFormatError, MergeError
+
+FLOAT32 = np.dtype("<f4")
+# The end of central directory record, its longest comment and the zip64
+# records before it: what a tail read must hold to find the directory.
+_TAIL_BYTES = _END.size + 0xFFFF + _END64_LOCATOR.size + _END64.size
+
+
+class Stamp(NamedTuple):
+    """What tells a file's content apart without reading it: size, mtime and inode."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+    @classmethod
+    def of(cls, found: os.stat_result) -> Stamp:
+        return cls(found.st_size, found.st_mtime_ns, found.st_ino)
+
+
+class MergedHeader(NamedTuple):
+    """A merged file as its header describes it; its rows are still on disk.
+
+    ``offset`` is where row 0 starts in the file; rows are ``width`` float32
+    values each, one after the other.
+    """
+
+    path: str
+    ids: list[str]
+    labels: list[int] | None
+    rows: int
+    width: int
+    offset: int
+    stamp: Stamp
+
+
+class _PickleOnly(TorchArchive):
+    """An archive of which only ``data.pkl`` (and ``byteorder``) were read.
+
+    ``buffer`` holds those two records; the tensor records are known by
+    their sizes alone, which is all that checking a tensor against its
+    storage needs.
+    """
+
+    def __init__(self, buffer: bytes, path: str, records: dict[str, tuple[int | None, int]]):
+        self._given = records
+        super().__init__(buffer, path)
+
+    def _index_records(self) -> dict[str, tuple[int | None, int]]:
+        return self._given
+
+
+def read_merged_header(path: str | os.PathLike[str]) -> MergedHeader:
+    """Read a merged file's ids, labels and matrix shape, not its matrix.
+
+    Raises
+    ------
+    FileFormatError
+        Naming the file: not a regular file, truncated, not a torch zip
+        archive, not in the merged layout (``ids``, a 2-D float32 ``data``
+        of one row per id, optional integer ``labels``).
+    UnsafeFileError
+        The pickle asks for anything beyond tensors and plain containers.
+    """
+    path = os.fspath(path)
+    try:
+        # Non-blocking: opening a FIFO planted under the name would wait forever.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise FileFormatError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
+            raise FileFormatError(f"{path}: not a regular file")
+        pickled, records, data_offset = _read_records(fd, path, found.st_size)
+        obj = _PickleOnly(pickled, path, records).load()
+        return _merged_layout(path, obj, data_offset, Stamp.of(found))
+    except OSError as err:
+        raise FileFormatError(f"{path}: cannot read ({err.strerror or err})") from None
+    finally:
+        os.close(fd)
+
+
+def _pread(fd: int, size: int, offset: int, path: str) -> bytes:
+    """Exactly ``size`` bytes at ``offset``, or an error saying the file is short."""
+    data = os.pread(fd, size, offset)
+    while len(data) < size:
+        more = os.pread(fd, size - len(data), offset + len(data))
+        if not more:
+            raise FileFormatError(f"{path}: truncated (or shrunk while read): "
+                                  f"{size} bytes expected at byte {offset}, {len(data)} found")
+        data += more
+    return data
+
+
+def _read_records(fd: int, path: str, size: int):
+    """``data.pkl`` and ``byteorder`` as one buffer, every record's (offset, size) in
+    it (tensor records: offset None, size), and a function giving a tensor record's
+    offset in the file."""
+    try:
+        entries, directory = _central_directory(fd, path, size)
+    except (ValueError, struct.error, UnicodeDecodeError) as err:
+        raise FileFormatError(f"{path}: not a torch zip archive, or truncated ({err}); torch.save "
+                              "writes zip archives since torch 1.6") from None
+    pickles = [name for name in entries if name.endswith("data.pkl")]
+    if len(pickles) != 1 or pickles[0].count("/") != 1:
+        raise FileFormatError(f"{path}: expected one ARCHIVE/data.pkl record, found {pickles}")
+    prefix = pickles[0][: -len("data.pkl")]
+    mine = {name[len(prefix):]: entry for name, entry in entries.items() if name.startswith(prefix)}
+    for name, (method, _, _) in mine.items():
+        if method != 0:
+            raise FileFormatError(f"{path}: record {name!r} is compressed; torch never does that")
+
+    def data_offset(name: str) -> int:
+        _, local, length = mine[name]
+        header = _LOCAL.unpack(_pread(fd, _LOCAL.size, local, path))
+        if header[0] != b"PK\x03\x04":
+            raise FileFormatError(f"{path}: record {name!r} has a broken local header")
+        start = local + _LOCAL.size + header[9] + header[10]
+        if start + length > directory:
+            raise FileFormatError(f"{path}: record {name!r} runs past its archive (truncated?)")
+        return start
+
+    pickled = _pread(fd, mine["data.pkl"][2], data_offset("data.pkl"), path)
+    order = _pread(fd, mine["byteorder"][2], data_offset("byteorder"), path) if "byteorder" in mine else b""
+    records = {name: (None, length) for name, (_, _, length) in mine.items()}
+    records["data.pkl"] = 0, len(pickled)
+    if "byteorder" in mine:
+        records["byteorder"] = len(pickled), len(order)
+    return pickled + order, records, data_offset
+
+
+def _central_directory(fd: int, path: str, size: int) -> tuple[dict[str, tuple[int, int, int]], int]:
+    """Each member's (method, local header offset, size), and where the directory starts.
+
+    Raises ``ValueError`` or ``struct.error`` on any inconsistency.
+    """
+    if size == 0:
+        raise ValueError("the file is empty")
+    tail_start = max(0, size - _TAIL_BYTES)
+    tail = _pread(fd, size - tail_start, tail_start, path)
+    end = tail.rfind(b"PK\x05\x06")
+    if end < 0:
+        raise ValueError("no end of central directory")
+    _, _, _, _, count, length, offset, _ = _END.unpack_from(tail, end)
+    if 0xFFFF == count or 0xFFFFFFFF in (length, offset):
+        locator = _END64_LOCATOR.unpack_from(tail, end - _END64_LOCATOR.size)
+        if locator[0] != b"PK\x06\x07" or locator[2] > tail_start + end - _END64.size:
+            raise ValueError("a zip64 archive without a valid end record locator")
+        record = _END64.unpack(_pread(fd, _END64.size, locator[2], path))
+        if record[0] != b"PK\x06\x06":
+            raise ValueError("a broken zip64 end record")
+        count, length, offset = record[7], record[8], record[9]
+    if offset + length > tail_start + end:
+        raise ValueError("the central directory runs past its end record")
+    directory = _pread(fd, length, offset, path)
+    entries, position = {}, 0
+    for _ in range(count):
+        (signature, _, _, _, method, _, _, _, compressed, plain, name_length, extra_length,
+         comment_length, _, _, _, local) = _CENTRAL.unpack_from(directory, position)
+        if signature != b"PK\x01\x02":
+            raise ValueError(f"a broken central directory entry at byte {offset + position}")
+        name_start = position + _CENTRAL.size
+        name = str(directory[name_start : name_start + name_length], "utf-8")
+        if 0xFFFFFFFF in (compressed, plain, local):
+            plain, compressed, local = _zip64_extra(
+                directory[name_start + name_length : name_start + name_length + extra_length],
+                plain, compressed, local)
+        if local > offset - _LOCAL.size:  # local headers precede the central directory
+            raise ValueError(f"member {name!r} has its local header outside the file")
+        entries[name] = method, local, plain
+        position = name_start + name_length + extra_length + comment_length
+    if len(entries) != count:
+        raise ValueError("two members share a name")
+    return entries, offset
+
+
+def _merged_layout(path: str, obj: object, data_offset, stamp: Stamp) -> MergedHeader:
+    """Check the merged layout and say where the rows lie."""
+    if type(obj) is not dict or type(obj.get("ids")) is not list or type(obj.get("data")) is not TensorRef:
+        keys = sorted(map(str, obj)) if type(obj) is dict else type(obj).__name__
+        raise FileFormatError(f"{path}: expected a merged feature file ({{'ids': [...], "
+                              f"'data': tensor}}), found {keys}")
+    ids, data, labels = obj["ids"], obj["data"], obj.get("labels")
+    if {*map(type, ids)} - {str}:
+        bad = next(i for i in ids if type(i) is not str)
+        raise FileFormatError(f"{path}: 'ids' holds {short_repr(bad)}, not an id string")
+    if labels is not None and not (type(labels) is list and {*map(type, labels)} <= {int}):
+        raise FileFormatError(f"{path}: 'labels' is {short_repr(labels)}, not a list of ints")
+    if data.storage.dtype != FLOAT32 or len(data.shape) != 2:
+        raise FileFormatError(f"{path}: 'data' is a {len(data.shape)}-D {data.storage.dtype} "
+                              "tensor; merged features are a 2-D float32 matrix")
+    rows, width = data.shape
+    if rows != len(ids):
+        raise FileFormatError(f"{path}: {len(ids)} ids but {rows} rows in 'data'")
+    if any(size > 1 and step != expected
+           for size, step, expected in zip(data.shape, data.stride, (width, 1))):
+        raise FileFormatError(f"{path}: 'data' is stored with strides {data.stride}, "
+                              "not row after row; load it with torch.load")
+    offset = data_offset(f"data/{data.storage.key}") + data.offset * FLOAT32.itemsize
+    return MergedHeader(path, ids, labels, rows, width, offset, stamp)
+
+
+def read_rows(path: str, offset: int, width: int, stamp: tuple, start: int, stop: int,
+              out: np.ndarray | None = None) -> np.ndarray:
+    """Rows ``start:stop`` of a merged file whose header said ``offset``, ``width``, ``stamp``.
+
+    Reads those rows' bytes and nothing else, into ``out`` (a C-contiguous
+    float32 array of at least that many rows) if given.
+
+    Raises
+    ------
+    MergeError
+        The file changed (size, mtime or inode) since its header was read, or
+        cannot be read: its rows might not be the header's any more.
+    """
+    rows = stop - start
+    result = np.empty((rows, width), FLOAT32) if out is None else out[:rows]
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise FileFormatError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        _same_file(path, fd, stamp)
+        view = memoryview(result.reshape(-1)).cast("B")
+        first = offset + start * width * FLOAT32.itemsize
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], first + done)
+            if not got:
+                raise MergeError(f"{path}: shorter than its header says: changed since it was opened")
+            done += got
+        _same_file(path, fd, stamp)  # and not rewritten in place while read
+    except OSError as err:
+        raise FileFormatError(f"{path}: cannot read ({err.strerror or err})") from None
+    finally:
+        os.close(fd)
+    return result
+
+
+def _same_file(path: str, fd: int, stamp: tuple) -> None:
+    now = Stamp.of(os.fstat(fd))
+    if now != tuple(stamp):
+        then = Stamp(*stamp)
+        raise MergeError(f"{path}: changed since it was opened (size {then.size} -> {now.size}, "
+                         f"mtime_ns {then.mtime_ns} -> {now.mtime_ns}, inode {then.inode} -> "
+                         f"{now.inode}); open it again")
