@@ -258,6 +258,68 @@ def _finish(report: Report, output_dir: str | None, report_path: str | None) -> 
     sys.exit(code)
 
 
+@main.command("check")
+@click.option("--output-dir", required=True, type=click.Path(file_okay=False),
+              help="Folder of STEM_merged.pt files to check.")
+@click.option("--nucleotide-dir", type=click.Path(file_okay=False),
+              help="Their STEM_DNABERT_S.pt inputs: also check each output is their merge.")
+@click.option("--protein-dir", type=click.Path(file_okay=False),
+              help="Their STEM_ESM.pt inputs [default: the nucleotide folder].")
+@click.option("--nucleotide-width", type=click.IntRange(min=0),
+              help="Width of the nucleotide half [default: the inputs', else 768 of 3328].")
+@click.option("--sample-rows", type=click.IntRange(min=0),
+              help="Compare only this many rows per output with its inputs' merge [default: all].")
+@click.option("--scheduler", default="processes", show_default=True,
+              help="processes | threads | sync | local | tcp://HOST:PORT of a running scheduler.")
+@click.option("--scheduler-file", type=click.Path(dir_okay=False),
+              help="Scheduler file of a running Dask cluster.")
+@click.option("--workers", type=click.IntRange(min=1), help="Worker processes [default: cores].")
+@click.option("--dashboard-address", default="127.0.0.1:8787", show_default=True,
+              help="Dashboard of --scheduler local (a free port if taken).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False),
+              help="Write the JSON report here.")
+@click.option("--no-progress", is_flag=True, help="No progress bar (for scripts and CI logs).")
+def check_command(output_dir, nucleotide_dir, protein_dir, nucleotide_width, sample_rows, scheduler,
+                  scheduler_file, workers, dashboard_address, report_path, no_progress) -> None:
+    """Check the merged files of OUTPUT-DIR: NaN/Inf, zero rows, duplicate ids, stale outputs.
+
+    Exit status 0 when nothing was found, 1 for findings, 2 for bad usage.
+    """
+    try:
+        _check_and_report(report_path, output_dir, nucleotide_dir, protein_dir,
+                          nucleotide_width=nucleotide_width, sample_rows=sample_rows,
+                          scheduler=scheduler, scheduler_file=scheduler_file, workers=workers,
+                          dashboard_address=dashboard_address, progress=not no_progress)
+    except KeyboardInterrupt:
+        click.echo("\ndask-merge: check interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _check_and_report(report_path, *folders, **options) -> None:
+    if options["scheduler"] == "processes" and not options["scheduler_file"]:
+        _start_pool_early()
+    from .checks import check
+    from .engine import ConfigurationError
+    from .errors import MergeError
+
+    folder = os.path.dirname(os.path.abspath(report_path)) if report_path else None
+    if folder and not os.path.isdir(folder):
+        _fail(f"cannot write {report_path}: folder {folder} does not exist")
+    try:
+        report = check(*folders, **options)
+    except ConfigurationError as err:
+        _fail(str(err))
+    code = 0 if report.ok else EXIT_FAILED
+    if report_path:
+        try:
+            report.to_json(report_path)
+        except MergeError as err:
+            click.echo(f"dask-merge: error: the report was not written: {err}", err=True)
+            code = EXIT_FAILED
+    click.echo(report.summary(), err=True)
+    sys.exit(code)
+
+
 @main.command()
 @click.option("--dir", "folder", required=True, type=click.Path(file_okay=False),
               help="Folder to write the pairs into (created if missing).")
