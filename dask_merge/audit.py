@@ -17,10 +17,11 @@ makes), else unknown (only totals are counted).
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -76,9 +77,8 @@ class FileCheck:
 
     def to_dict(self) -> dict:
         """Everything but the ids."""
-        found = asdict(self)
-        del found["ids"]
-        return found
+        # Not asdict: it would deep-copy every id first.
+        return {f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "ids"}
 
 
 def check_files(batch: Sequence[tuple], nucleotide_width: int | None, sample_rows: int | None,

@@ -13,6 +13,7 @@ one file, widths that disagree, pairs without an output.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -90,18 +91,21 @@ class CheckReport:
                 widths.setdefault(found.width, []).append(found.path)
         return widths
 
-    @property
+    @functools.cached_property
     def findings(self) -> list[str]:
         """One line per thing amiss, each naming its file."""
         lines = []
         for found in self.files:
             lines += _file_findings(found)
-        shared: dict[str, list[str]] = {}
+        shared: dict[str, list] = {}  # path: [count, examples]
         for seq_id, paths in self.shared_ids.items():
             for path in paths[1:]:
-                shared.setdefault(path, []).append(f"{seq_id!r} (also in {paths[0]})")
-        lines += [f"{path}: {len(ids)} ids also in another file, e.g. {', '.join(ids[:EXAMPLES])}"
-                  for path, ids in shared.items()]
+                found = shared.setdefault(path, [0, []])
+                found[0] += 1
+                if len(found[1]) < EXAMPLES:
+                    found[1].append(f"{seq_id!r} (also in {paths[0]})")
+        lines += [f"{path}: {count} ids also in another file, e.g. {', '.join(examples)}"
+                  for path, (count, examples) in shared.items()]
         if len(self.widths) > 1:
             lines.append("widths differ: " + "; ".join(
                 f"{w} in {len(p)} files, e.g. {p[0]}" for w, p in self.widths.items()))
