@@ -61,6 +61,21 @@ class _FoldersAsOptions(click.Command):
         return super().parse_args(ctx, args)
 
 
+def _scheduler_options(command):
+    """The options that say where ``run`` and ``check`` compute."""
+    for option in reversed([
+        click.option("--scheduler", default="processes", show_default=True,
+                     help="processes | threads | sync | local | tcp://HOST:PORT of a running scheduler."),
+        click.option("--scheduler-file", type=click.Path(dir_okay=False),
+                     help="Scheduler file of a running Dask cluster (dask-jobqueue, dask-mpi)."),
+        click.option("--workers", type=click.IntRange(min=1), help="Worker processes [default: cores]."),
+        click.option("--dashboard-address", default="127.0.0.1:8787", show_default=True,
+                     help="Dashboard of --scheduler local (a free port if taken)."),
+    ]):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="dask-merge")
 def main() -> None:
@@ -85,13 +100,7 @@ def main() -> None:
 @click.option("--output-dir", type=click.Path(file_okay=False),
               help="Folder for STEM_merged.pt files (created if missing); with --pairs, of the "
                    "pairs without an OUTPUT.")
-@click.option("--scheduler", default="processes", show_default=True,
-              help="processes | threads | sync | local | tcp://HOST:PORT of a running scheduler.")
-@click.option("--scheduler-file", type=click.Path(dir_okay=False),
-              help="Scheduler file of a running Dask cluster (dask-jobqueue, dask-mpi).")
-@click.option("--workers", type=click.IntRange(min=1), help="Worker processes [default: cores].")
-@click.option("--dashboard-address", default="127.0.0.1:8787", show_default=True,
-              help="Dashboard of --scheduler local (a free port if taken).")
+@_scheduler_options
 @click.option("--label", help="Training label stored in each output: viral | host | INT.")
 @click.option("--force", is_flag=True, help="Merge every pair again, checkpointed or not.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; merge nothing.")
@@ -269,13 +278,7 @@ def _finish(report: Report, output_dir: str | None, report_path: str | None) -> 
               help="Width of the nucleotide half [default: the inputs', else 768 of 3328].")
 @click.option("--sample-rows", type=click.IntRange(min=0),
               help="Compare only this many rows per output with its inputs' merge [default: all].")
-@click.option("--scheduler", default="processes", show_default=True,
-              help="processes | threads | sync | local | tcp://HOST:PORT of a running scheduler.")
-@click.option("--scheduler-file", type=click.Path(dir_okay=False),
-              help="Scheduler file of a running Dask cluster.")
-@click.option("--workers", type=click.IntRange(min=1), help="Worker processes [default: cores].")
-@click.option("--dashboard-address", default="127.0.0.1:8787", show_default=True,
-              help="Dashboard of --scheduler local (a free port if taken).")
+@_scheduler_options
 @click.option("--report", "report_path", type=click.Path(dir_okay=False),
               help="Write the JSON report here.")
 @click.option("--no-progress", is_flag=True, help="No progress bar (for scripts and CI logs).")

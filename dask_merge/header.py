@@ -24,8 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .archive import (
-    _CENTRAL, _END, _END64, _END64_LOCATOR, _LOCAL, TensorRef, TorchArchive, _zip64_extra,
-    short_repr,
+    _END, _END64, _END64_LOCATOR, _LOCAL, TensorRef, TorchArchive, central_entry, short_repr,
 )
 from .errors import FileFormatError, MergeError
 
@@ -185,20 +184,10 @@ def _central_directory(fd: int, path: str, size: int) -> tuple[dict[str, tuple[i
     directory = _pread(fd, length, offset, path)
     entries, position = {}, 0
     for _ in range(count):
-        (signature, _, _, _, method, _, _, _, compressed, plain, name_length, extra_length,
-         comment_length, _, _, _, local) = _CENTRAL.unpack_from(directory, position)
-        if signature != b"PK\x01\x02":
-            raise ValueError(f"a broken central directory entry at byte {offset + position}")
-        name_start = position + _CENTRAL.size
-        name = str(directory[name_start : name_start + name_length], "utf-8")
-        if 0xFFFFFFFF in (compressed, plain, local):
-            plain, compressed, local = _zip64_extra(
-                directory[name_start + name_length : name_start + name_length + extra_length],
-                plain, compressed, local)
+        name, method, local, plain, position = central_entry(directory, position, offset)
         if local > offset - _LOCAL.size:  # local headers precede the central directory
             raise ValueError(f"member {name!r} has its local header outside the file")
         entries[name] = method, local, plain
-        position = name_start + name_length + extra_length + comment_length
     if len(entries) != count:
         raise ValueError("two members share a name")
     return entries, offset
