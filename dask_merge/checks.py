@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import numbers
 import os
 import sys
@@ -26,11 +25,12 @@ import dask
 
 from .audit import FileCheck, check_files
 from .engine import (
-    LOCAL_SCHEDULERS, TARGET_PARTITION_BYTES, ConfigurationError, _check_options,
+    LOCAL_SCHEDULERS, ConfigurationError, _check_options,
     _distributed_client, _html, _html_table, _paths_visible, _progress_bar, _show_progress,
     _start_pool, _on_a_cluster,
 )
 from .formats import MERGED_SUFFIX, atomic_write
+from .partition import partition
 from .plan import _natural_key, _stems, find_pairs
 
 TASK_NAME = "check-file"  # what tasks are called on the dashboard
@@ -276,14 +276,10 @@ def _files(output_dir: str, nucleotide_dir, protein_dir) -> tuple[list[tuple], l
 
 
 def _batches(files: list[tuple], workers: int) -> list[list[tuple]]:
-    """One task per big file; small files in tasks of about :data:`TARGET_PARTITION_BYTES`,
-    at least four per worker."""
+    """Cut the files into tasks as ``run`` cuts pairs: by their bytes (output and inputs)."""
     sizes = [sum(os.path.getsize(p) for p in f if p is not None and os.path.isfile(p))
              for f in files]
-    tasks = max(4 * workers, math.ceil(sum(sizes) / TARGET_PARTITION_BYTES))
-    tasks = min(len(files), tasks)
-    cuts = [len(files) * i // tasks for i in range(tasks + 1)]
-    return [files[a:b] for a, b in zip(cuts, cuts[1:])]
+    return partition(files, sizes, threads=workers)
 
 
 def _compute(batches, options, *, scheduler, workers, scheduler_file, client, dashboard_address,

@@ -319,7 +319,7 @@ def _check_and_report(report_path, *folders, **options) -> None:
         except MergeError as err:
             click.echo(f"dask-merge: error: the report was not written: {err}", err=True)
             code = EXIT_FAILED
-    click.echo(report.summary(), err=True)
+    click.echo(report.summary())  # the result: stdout, as for run
     sys.exit(code)
 
 

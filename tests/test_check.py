@@ -134,12 +134,12 @@ def test_the_command_exits_0_clean_1_findings_2_usage(folders, tmp_path):
     clean = _run_check("--output-dir", str(merged), "--nucleotide-dir", str(features),
                        "--scheduler", "sync")
     assert clean.returncode == 0, clean.stderr
-    assert "no findings" in clean.stderr
+    assert "no findings" in clean.stdout
     _edit(str(merged / "output_2_merged.pt"), lambda x: x["data"][0, 0].fill_(float("inf")))
     report = tmp_path / "report.json"
     found = _run_check("--output-dir", str(merged), "--report", str(report), "--workers", "2")
     assert found.returncode == 1, found.stderr
-    assert "output_2_merged.pt: 1 infinite values" in found.stderr
+    assert "output_2_merged.pt: 1 infinite values" in found.stdout
     saved = json.loads(report.read_text())
     assert saved["ok"] is False and saved["counts"]["inf"] == 1 and len(saved["files"]) == 6
     for args, message in [(["--output-dir", str(tmp_path / "nowhere")], "does not exist"),
