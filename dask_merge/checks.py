@@ -17,21 +17,23 @@ import functools
 import json
 import numbers
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
 import dask
 
 from .audit import FileCheck, check_files
-from .engine import (
-    LOCAL_SCHEDULERS, ConfigurationError, _check_options,
-    _distributed_client, _html, _html_table, _paths_visible, _progress_bar, _show_progress,
-    _start_pool, _on_a_cluster,
-)
-from .formats import MERGED_SUFFIX, atomic_write
+from .atomic import atomic_write
+from .errors import ConfigurationError
+from .executors import get_executor
+from .executors.dask import _paths_unseen
+from .executors.graph import LOCAL_SCHEDULERS, progress_bar
+from .executors.pool import _start_pool
+from .executors.progress import show_progress
+from .layouts import MERGED_SUFFIX
+from .pairs import _natural_key, _stems, find_pairs
 from .partition import partition
-from .plan import _natural_key, _stems, find_pairs
+from .report import _html, _html_table
 
 TASK_NAME = "check-file"  # what tasks are called on the dashboard
 EXAMPLES = 5
@@ -235,8 +237,8 @@ def check(
     ConfigurationError
         A missing folder, no merged files, a bad option.
     """
-    _check_options(scheduler, client, scheduler_file, workers=workers, retries=0,
-                   partition_size=None, progress=progress)
+    executor = get_executor(scheduler, workers=workers, scheduler_file=scheduler_file,
+                            dashboard_address=dashboard_address, progress=progress, client=client)
     for name, value in (("nucleotide_width", nucleotide_width), ("sample_rows", sample_rows)):
         if value is not None and not (isinstance(value, numbers.Integral)
                                       and not isinstance(value, bool) and value >= 0):
@@ -244,15 +246,10 @@ def check(
     if protein_dir is not None and nucleotide_dir is None:
         raise ConfigurationError("a protein folder needs its nucleotide folder")
     files, missing = _files(os.fspath(output_dir), nucleotide_dir, protein_dir)
-    workers = int(workers or os.cpu_count() or 1)
-    options = (nucleotide_width, sample_rows, seed)
     start = time.perf_counter()
-    found, dashboard = _compute(_batches(files, workers), options, scheduler=scheduler,
-                                      workers=workers, scheduler_file=scheduler_file, client=client,
-                                      dashboard_address=dashboard_address, progress=progress)
-    given = _on_a_cluster(client, scheduler_file)
+    found, dashboard = _compute(files, (nucleotide_width, sample_rows, seed), executor)
     return CheckReport(found, os.fspath(output_dir), missing, time.perf_counter() - start,
-                       "cluster" if given else scheduler, dashboard)
+                       executor.name, dashboard)
 
 
 def _files(output_dir: str, nucleotide_dir, protein_dir) -> tuple[list[tuple], list[str]]:
@@ -282,31 +279,29 @@ def _batches(files: list[tuple], workers: int) -> list[list[tuple]]:
     return partition(files, sizes, threads=workers)
 
 
-def _compute(batches, options, *, scheduler, workers, scheduler_file, client, dashboard_address,
-             progress) -> tuple[list[FileCheck], str | None]:
-    """Run :func:`check_files` on each batch; a batch whose worker died is reported unreadable."""
-    name = f"{TASK_NAME}-{dask.base.tokenize(batches, options)}"
-    graph = {(name, i): (check_files, tuple(map(tuple, b)), *options) for i, b in enumerate(batches)}
-    keys = list(graph)
-    dashboard = None
-    if _on_a_cluster(client, scheduler_file) or scheduler not in LOCAL_SCHEDULERS:
-        with _distributed_client(scheduler, scheduler_file, client, workers, dashboard_address,
-                                 1) as active:
-            dashboard = active.dashboard_link
-            if dashboard:
-                print(f"dask-merge: dashboard at {dashboard}", file=sys.stderr)
-            if missing := active.submit(_paths_visible, [batches[0][0][0]], pure=False).result():
-                raise ConfigurationError(f"a Dask worker cannot see {missing[0]}: workers must "
+def _compute(files: list[tuple], options: tuple, executor) -> tuple[list[FileCheck], str | None]:
+    """Run :func:`check_files` on batches of the files with ``executor``'s workers;
+    a batch whose worker died is reported unreadable."""
+    with executor.started() as session:
+        batches = _batches(files, session.threads)
+        name = f"{TASK_NAME}-{dask.base.tokenize(batches, options)}"
+        graph = {(name, i): (check_files, tuple(map(tuple, b)), *options)
+                 for i, b in enumerate(batches)}
+        keys = list(graph)
+        if session.client is not None:
+            unseen = session.client.submit(_paths_unseen, [files[0][0]], pure=False).result()
+            if unseen:
+                raise ConfigurationError(f"a Dask worker cannot see {unseen[0]}: workers must "
                                          "see the same paths as the client")
-            results = _on_cluster(active, graph, keys, progress)
-    else:
-        results = _on_local(graph, keys, scheduler, workers, progress)
+            results = _on_cluster(session.client, graph, keys, executor.progress)
+        else:
+            results = _on_local(graph, keys, executor.name, executor.workers, executor.progress)
     found = []
     for batch, result in zip(batches, results):
         found += result if result is not None else [
             FileCheck(path, error=f"{path}: the worker died while checking it (out of memory?)")
             for path, _, _ in batch]
-    return found, dashboard
+    return found, session.dashboard
 
 
 def _on_local(graph, keys, scheduler: str, workers: int, progress: bool) -> list:
@@ -322,7 +317,7 @@ def _on_local(graph, keys, scheduler: str, workers: int, progress: bool) -> list
         options = {"pool": pool, "chunksize": 1}
     try:
         with Callback(posttask=lambda key, result, *_: done.__setitem__(key, result)), \
-                _progress_bar(progress):
+                progress_bar(progress):
             LOCAL_SCHEDULERS[scheduler](graph, keys, **options)
     except BrokenProcessPool:
         pass  # the batches that had not finished are reported below
@@ -336,7 +331,7 @@ def _on_cluster(client, graph, keys, progress: bool) -> list:
     from distributed import KilledWorker, futures_of
 
     futures = futures_of(client.get(graph, keys, sync=False))
-    shown = _show_progress(client, futures) if progress else None
+    shown = show_progress(client, futures) if progress else None
     results = []
     for future in futures:
         try:

@@ -299,11 +299,8 @@ def check_command(output_dir, nucleotide_dir, protein_dir, nucleotide_width, sam
 
 
 def _check_and_report(report_path, *folders, **options) -> None:
-    if options["scheduler"] == "processes" and not options["scheduler_file"]:
-        _start_pool_early()
     from .checks import check
-    from .engine import ConfigurationError
-    from .errors import MergeError
+    from .errors import ConfigurationError, MergeError
 
     folder = os.path.dirname(os.path.abspath(report_path)) if report_path else None
     if folder and not os.path.isdir(folder):

@@ -23,9 +23,9 @@ from dask.base import tokenize
 
 from .audit import nucleotide_width_of
 from .errors import FileFormatError
-from .formats import MERGED_SUFFIX
+from .layouts import MERGED_SUFFIX
 from .header import FLOAT32, MergedHeader, read_merged_header, read_rows
-from .plan import _natural_key, _stems
+from .pairs import _natural_key, _stems
 
 TASK_NAME = "merged-rows"  # what the chunks' tasks are called on the dashboard
 

@@ -3,7 +3,7 @@
 :func:`read_merged_header` reads a ``STEM_merged.pt`` file's zip central
 directory and its ``data.pkl`` record with :func:`os.pread` (a few small
 reads at the end and the start of the file) and runs the safe pickle machine
-of :mod:`dask_merge.archive` on that record only: the ids, the labels, the
+of :mod:`dask_merge.torchfile` on that record only: the ids, the labels, the
 shape of the feature matrix and where its bytes lie, not the bytes.  Reading
 the header of a 127 MB file costs well under a millisecond.
 
@@ -23,15 +23,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .archive import (
-    _END, _END64, _END64_LOCATOR, _LOCAL, TensorRef, TorchArchive, central_entry, short_repr,
-)
 from .errors import FileFormatError, MergeError
+from .torchfile import TensorRef, TorchArchive, short_repr
+from .torchfile.archive import archive_records
+from .torchfile.zipdir import _LOCAL, data_start, zip_directory
 
 FLOAT32 = np.dtype("<f4")
-# The end of central directory record, its longest comment and the zip64
-# records before it: what a tail read must hold to find the directory.
-_TAIL_BYTES = _END.size + 0xFFFF + _END64_LOCATOR.size + _END64.size
 
 
 class Stamp(NamedTuple):
@@ -63,18 +60,18 @@ class MergedHeader(NamedTuple):
 
 
 class _PickleOnly(TorchArchive):
-    """An archive of which only ``data.pkl`` (and ``byteorder``) were read.
+    """An archive of which only ``data.pkl`` and the other small records were read.
 
-    ``buffer`` holds those two records; the tensor records are known by
-    their sizes alone, which is all that checking a tensor against its
-    storage needs.
+    ``buffer`` holds those records; the tensor records (``data/KEY``) were not
+    read: their offsets are the file's, their sizes all that checking a
+    tensor against its storage needs.
     """
 
-    def __init__(self, buffer: bytes, path: str, records: dict[str, tuple[int | None, int]]):
+    def __init__(self, buffer: bytes, path: str, records: dict[str, tuple[int, int]]):
         self._given = records
         super().__init__(buffer, path)
 
-    def _index_records(self) -> dict[str, tuple[int | None, int]]:
+    def _index_records(self) -> dict[str, tuple[int, int]]:
         return self._given
 
 
@@ -100,9 +97,9 @@ def read_merged_header(path: str | os.PathLike[str]) -> MergedHeader:
         found = os.fstat(fd)
         if not stat.S_ISREG(found.st_mode):
             raise FileFormatError(f"{path}: not a regular file")
-        pickled, records, data_offset = _read_records(fd, path, found.st_size)
-        obj = _PickleOnly(pickled, path, records).load()
-        return _merged_layout(path, obj, data_offset, Stamp.of(found))
+        small, records = _read_records(fd, path, found.st_size)
+        archive = _PickleOnly(small, path, records)
+        return _merged_layout(path, archive.load(), archive.record_offset, Stamp.of(found))
     except OSError as err:
         raise FileFormatError(f"{path}: cannot read ({err.strerror or err})") from None
     finally:
@@ -121,76 +118,31 @@ def _pread(fd: int, size: int, offset: int, path: str) -> bytes:
     return data
 
 
-def _read_records(fd: int, path: str, size: int):
-    """``data.pkl`` and ``byteorder`` as one buffer, every record's (offset, size) in
-    it (tensor records: offset None, size), and a function giving a tensor record's
-    offset in the file."""
+def _read_records(fd: int, path: str, size: int) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """The small records (``data.pkl``, ``byteorder``, ``version``, ...) in one buffer,
+    and every record's (offset, size): in that buffer, or in the file for tensor records."""
+    def read(start: int, length: int) -> bytes:
+        return _pread(fd, length, start, path)
+
+    def fail(what: str) -> FileFormatError:
+        return FileFormatError(f"{path}: {what}")
+
     try:
-        entries, directory = _central_directory(fd, path, size)
+        if size == 0:
+            raise ValueError("the file is empty")
+        members, _ = zip_directory(lambda start, length: os.pread(fd, length, start), size)
+        entries = {name: (method, data_start(read(local, _LOCAL.size), 0, local, name), length)
+                   for name, (method, local, length) in members.items()}
     except (ValueError, struct.error, UnicodeDecodeError) as err:
-        raise FileFormatError(f"{path}: not a torch zip archive, or truncated ({err}); torch.save "
-                              "writes zip archives since torch 1.6") from None
-    pickles = [name for name in entries if name.endswith("data.pkl")]
-    if len(pickles) != 1 or pickles[0].count("/") != 1:
-        raise FileFormatError(f"{path}: expected one ARCHIVE/data.pkl record, found {pickles}")
-    prefix = pickles[0][: -len("data.pkl")]
-    mine = {name[len(prefix):]: entry for name, entry in entries.items() if name.startswith(prefix)}
-    for name, (method, _, _) in mine.items():
-        if method != 0:
-            raise FileFormatError(f"{path}: record {name!r} is compressed; torch never does that")
-
-    def data_offset(name: str) -> int:
-        _, local, length = mine[name]
-        header = _LOCAL.unpack(_pread(fd, _LOCAL.size, local, path))
-        if header[0] != b"PK\x03\x04":
-            raise FileFormatError(f"{path}: record {name!r} has a broken local header")
-        start = local + _LOCAL.size + header[9] + header[10]
-        if start + length > directory:
-            raise FileFormatError(f"{path}: record {name!r} runs past its archive (truncated?)")
-        return start
-
-    pickled = _pread(fd, mine["data.pkl"][2], data_offset("data.pkl"), path)
-    order = _pread(fd, mine["byteorder"][2], data_offset("byteorder"), path) if "byteorder" in mine else b""
-    records = {name: (None, length) for name, (_, _, length) in mine.items()}
-    records["data.pkl"] = 0, len(pickled)
-    if "byteorder" in mine:
-        records["byteorder"] = len(pickled), len(order)
-    return pickled + order, records, data_offset
-
-
-def _central_directory(fd: int, path: str, size: int) -> tuple[dict[str, tuple[int, int, int]], int]:
-    """Each member's (method, local header offset, size), and where the directory starts.
-
-    Raises ``ValueError`` or ``struct.error`` on any inconsistency.
-    """
-    if size == 0:
-        raise ValueError("the file is empty")
-    tail_start = max(0, size - _TAIL_BYTES)
-    tail = _pread(fd, size - tail_start, tail_start, path)
-    end = tail.rfind(b"PK\x05\x06")
-    if end < 0:
-        raise ValueError("no end of central directory")
-    _, _, _, _, count, length, offset, _ = _END.unpack_from(tail, end)
-    if 0xFFFF == count or 0xFFFFFFFF in (length, offset):
-        locator = _END64_LOCATOR.unpack_from(tail, end - _END64_LOCATOR.size)
-        if locator[0] != b"PK\x06\x07" or locator[2] > tail_start + end - _END64.size:
-            raise ValueError("a zip64 archive without a valid end record locator")
-        record = _END64.unpack(_pread(fd, _END64.size, locator[2], path))
-        if record[0] != b"PK\x06\x06":
-            raise ValueError("a broken zip64 end record")
-        count, length, offset = record[7], record[8], record[9]
-    if offset + length > tail_start + end:
-        raise ValueError("the central directory runs past its end record")
-    directory = _pread(fd, length, offset, path)
-    entries, position = {}, 0
-    for _ in range(count):
-        name, method, local, plain, position = central_entry(directory, position, offset)
-        if local > offset - _LOCAL.size:  # local headers precede the central directory
-            raise ValueError(f"member {name!r} has its local header outside the file")
-        entries[name] = method, local, plain
-    if len(entries) != count:
-        raise ValueError("two members share a name")
-    return entries, offset
+        raise fail(f"not a torch zip archive, or truncated ({err}); torch.save writes zip "
+                   "archives since torch 1.6") from None
+    records = archive_records(entries, size, fail)
+    small, buffer = {}, bytearray()
+    for name, (start, length) in records.items():
+        if not name.startswith("data/"):
+            small[name] = len(buffer), length
+            buffer += read(start, length)
+    return bytes(buffer), records | small
 
 
 def _merged_layout(path: str, obj: object, data_offset, stamp: Stamp) -> MergedHeader:
@@ -215,7 +167,7 @@ def _merged_layout(path: str, obj: object, data_offset, stamp: Stamp) -> MergedH
            for size, step, expected in zip(data.shape, data.stride, (width, 1))):
         raise FileFormatError(f"{path}: 'data' is stored with strides {data.stride}, "
                               "not row after row; load it with torch.load")
-    offset = data_offset(f"data/{data.storage.key}") + data.offset * FLOAT32.itemsize
+    offset = data_offset(data.storage.key) + data.offset * FLOAT32.itemsize
     return MergedHeader(path, ids, labels, rows, width, offset, stamp)
 
 

@@ -116,5 +116,6 @@ def test_a_hostile_pickle_is_refused_by_the_header_reader(tmp_path):
     path = tmp_path / "evil_merged.pt"
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("evil/data.pkl", pickle.dumps({"ids": [], "data": Evil()}, protocol=2))
+        z.writestr("evil/version", b"3\n")
     with pytest.raises(dask_merge.UnsafeFileError, match=r"evil_merged\.pt: refused"):
         read_merged_header(path)

@@ -6,6 +6,7 @@ import os
 import re
 import stat
 import struct
+from collections.abc import Callable
 
 import numpy as np
 
@@ -87,22 +88,7 @@ class TorchArchive:
                 f"not a torch zip archive, or truncated ({err}); torch.save "
                 "writes zip archives since torch 1.6"
             ) from None
-        # torch.load takes the first record's folder as the archive's and
-        # refuses any record outside it.
-        first = next(iter(entries), "")
-        prefix = first[: first.find("/") + 1]
-        if not prefix:
-            raise self._fail(f"its first record {short_repr(first)} is not in a folder; not a torch archive")
-        records = {}
-        for name, (method, start, size) in entries.items():
-            if not name.startswith(prefix):
-                raise self._fail(f"record {short_repr(name)} lies outside the archive's folder {prefix!r}")
-            if method != 0:
-                raise self._fail(f"record {name!r} is compressed; torch never does that")
-            if start + size > len(self.buffer):
-                raise self._fail(f"record {name!r} runs past the end of the file (truncated?)")
-            records[name[len(prefix) :]] = start, size
-        return records
+        return archive_records(entries, len(self.buffer), self._fail)
 
     def _check_records(self) -> None:
         """Refuse the small records torch.load refuses, and big-endian storages."""
@@ -217,6 +203,32 @@ class TorchArchive:
         records = np.frombuffer(self.buffer, np.uint8, count=9 * run.count, offset=start)
         # Each record is the opcode byte 'G' and a big-endian double.
         return records.reshape(run.count, 9)[:, 1:].view(">f8")[:, 0]
+
+
+def archive_records(entries: dict[str, tuple[int, int, int]], size: int,
+                    fail: Callable[[str], FileFormatError]) -> dict[str, tuple[int, int]]:
+    """The records of a zip archive's members, as torch.load takes them.
+
+    Maps each (method, data offset, size) of :func:`~.zipdir.zip_entries` of
+    a ``size``-byte file to (offset, size) under its name without the
+    archive's folder; ``fail(what)`` makes the error for what is refused.
+    """
+    # torch.load takes the first record's folder as the archive's and
+    # refuses any record outside it.
+    first = next(iter(entries), "")
+    prefix = first[: first.find("/") + 1]
+    if not prefix:
+        raise fail(f"its first record {short_repr(first)} is not in a folder; not a torch archive")
+    records = {}
+    for name, (method, start, length) in entries.items():
+        if not name.startswith(prefix):
+            raise fail(f"record {short_repr(name)} lies outside the archive's folder {prefix!r}")
+        if method != 0:
+            raise fail(f"record {name!r} is compressed; torch never does that")
+        if start + length > size:
+            raise fail(f"record {name!r} runs past the end of the file (truncated?)")
+        records[name[len(prefix) :]] = start, length
+    return records
 
 
 def _special_kind(mode: int) -> str | None:

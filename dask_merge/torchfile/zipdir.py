@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 _END = struct.Struct("<4s4H2LH")  # end of central directory
 _END64_LOCATOR = struct.Struct("<4sLQL")
@@ -28,66 +29,88 @@ def zip_entries(buffer: bytes | memoryview) -> dict[str, tuple[int, int, int]]:
     >>> zip_entries(f.getvalue())
     {'a/data.pkl': (0, 40, 5)}
     """
-    tail = max(0, len(buffer) - _END.size - 0xFFFF)  # the end record and its comment
-    end = bytes(buffer[tail:]).rfind(b"PK\x05\x06")
+    members, _ = zip_directory(lambda start, size: buffer[start : start + size], len(buffer))
+    return {name: (method, data_start(buffer, local, local, name), plain)
+            for name, (method, local, plain) in members.items()}
+
+
+def zip_directory(read: Callable[[int, int], bytes | memoryview], size: int
+                  ) -> tuple[dict[str, tuple[int, int, int]], int]:
+    """Each member's (method, local header offset, size), and where the central directory starts.
+
+    ``read(start, length)`` gives the file's bytes there (fewer at its end);
+    this reads the end records and the central directory only, so that a
+    file's members can be found without reading the file.  Raises
+    ``ValueError`` or ``struct.error`` on any inconsistency.
+    """
+    search = max(0, size - _END.size - 0xFFFF)  # the end record and its comment
+    first = max(0, search - _END64_LOCATOR.size)  # and the zip64 locator before it
+    tail = bytes(read(first, size - first))
+    end = tail.rfind(b"PK\x05\x06", search - first)
     if end < 0:
         raise ValueError("no end of central directory")
-    end += tail
-    _, disk, directory_disk, count_here, count, size, offset, _ = _END.unpack_from(buffer, end)
+    _, disk, directory_disk, count_here, count, length, offset, _ = _END.unpack_from(tail, end)
     # torch.save writes one disk; miniz (torch.load) refuses other disk numbers.
     # (0xFFFF: "see the zip64 end record", which is checked below.)
     fields = disk, directory_disk, count_here, count
     if 0xFFFF not in fields and (disk or directory_disk or count_here != count):
         raise ValueError("a multi-disk zip archive")
     # torch.save always writes zip64 end records; like miniz, use them whenever present.
-    has_locator = end >= _END64_LOCATOR.size and buffer[end - _END64_LOCATOR.size : end - 16] == b"PK\x06\x07"
-    if has_locator or 0xFFFF in (count,) or 0xFFFFFFFF in (size, offset):
-        locator = _END64_LOCATOR.unpack_from(buffer, end - _END64_LOCATOR.size)
+    has_locator = end >= _END64_LOCATOR.size and tail[end - _END64_LOCATOR.size : end - 16] == b"PK\x06\x07"
+    if has_locator or 0xFFFF in (count,) or 0xFFFFFFFF in (length, offset):
+        locator = _END64_LOCATOR.unpack_from(tail, end - _END64_LOCATOR.size)
         if locator[0] != b"PK\x06\x07":
             raise ValueError("a zip64 archive without its end record locator")
         if locator[1] != 0 or locator[3] != 1:
             raise ValueError("a multi-disk zip64 archive")
-        if locator[2] > end - _END64.size:  # struct cannot even take a 2**63 offset
+        if locator[2] > first + end - _END64.size:  # struct cannot even take a 2**63 offset
             raise ValueError("the zip64 end record lies outside the file")
-        record = _END64.unpack_from(buffer, locator[2])
+        record = _END64.unpack_from(read(locator[2], _END64.size))
         if record[0] != b"PK\x06\x06":
             raise ValueError("a broken zip64 end record")
         if record[4] or record[5] or record[6] != record[7]:
             raise ValueError("a multi-disk zip64 archive")
-        count, size, offset = record[7], record[8], record[9]
-    if offset + size > end:
+        count, length, offset = record[7], record[8], record[9]
+    if offset + length > first + end:
         raise ValueError("the central directory runs past its end record")
+    directory = read(offset, length)
     entries = {}
-    position = offset
+    position = 0
     for _ in range(count):
         (signature, _, _, flags, method, _, _, _, compressed, plain, name_length, extra_length,
-         comment_length, member_disk, _, _, local) = _CENTRAL.unpack_from(buffer, position)
+         comment_length, member_disk, _, _, local) = _CENTRAL.unpack_from(directory, position)
         if signature != b"PK\x01\x02":
-            raise ValueError(f"a broken central directory entry at byte {position}")
+            raise ValueError(f"a broken central directory entry at byte {offset + position}")
         # Flags beyond a data descriptor, UTF-8 names and deflate options (encryption,
         # patched data, ...): miniz (torch.load) refuses them as unsupported.
         if member_disk or flags & ~0x080E:
             raise ValueError(f"a member on disk {member_disk} or encrypted (flags {flags:#x})")
         name_start = position + _CENTRAL.size
-        name = str(buffer[name_start : name_start + name_length], "utf-8")
+        name = str(directory[name_start : name_start + name_length], "utf-8")
         if 0xFFFFFFFF in (compressed, plain, local):
             plain, compressed, local = _zip64_extra(
-                buffer[name_start + name_length : name_start + name_length + extra_length],
+                directory[name_start + name_length : name_start + name_length + extra_length],
                 plain, compressed, local)
         position = name_start + name_length + extra_length + comment_length
         if method == 0 and compressed != plain:  # miniz (torch.load) refuses it too
             raise ValueError(f"member {name!r} is stored, yet its two sizes differ")
         if local > offset - _LOCAL.size:  # local headers precede the central directory
             raise ValueError(f"member {name!r} has its local header outside the file")
-        header = _LOCAL.unpack_from(buffer, local)
-        if header[0] != b"PK\x03\x04":
-            raise ValueError(f"member {name!r} has a broken local header")
-        entries[name] = method, local + _LOCAL.size + header[9] + header[10], plain
-    if position > offset + size:  # miniz (torch.load) refuses it too
+        entries[name] = method, local, plain
+    if position > length:  # miniz (torch.load) refuses it too
         raise ValueError("the central directory's entries run past its size")
     if len(entries) != count:
         raise ValueError("two members share a name")
-    return entries
+    return entries, offset
+
+
+def data_start(header: bytes | memoryview, at: int, local: int, name: str) -> int:
+    """Where member ``name``'s data starts, from its local header at ``header[at:]``,
+    which is byte ``local`` of the file."""
+    fields = _LOCAL.unpack_from(header, at)
+    if fields[0] != b"PK\x03\x04":
+        raise ValueError(f"member {name!r} has a broken local header")
+    return local + _LOCAL.size + fields[9] + fields[10]
 
 
 def _zip64_extra(extra: bytes, *fields: int) -> tuple[int, ...]:
