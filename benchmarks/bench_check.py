@@ -55,7 +55,7 @@ def tiny_outputs() -> Path:
     """1,000 merged files of 10 rows (made once)."""
     import numpy as np
 
-    from dask_merge.formats import write_merged
+    from dask_merge.layouts import write_merged
 
     folder = DATA / "tiny"
     if len(list(folder.glob("*_merged.pt"))) != TINY_FILES:
