@@ -186,6 +186,17 @@ class TorchArchive:
         ref = self._storages[key] = StorageRef(key, dtype, numel)
         return ref
 
+    def storage_refs(self, keys: list[str], dtype: np.dtype, numel: int) -> list[StorageRef]:
+        """:meth:`storage_ref` of each of ``keys`` in turn; checked at once when all are new."""
+        need, records, known = numel * dtype.itemsize, self._records, self._storages
+        if numel >= 0 and known.keys().isdisjoint(keys) and len(set(keys)) == len(keys) and all(
+            records.get("data/" + key, (0, -1))[1] == need for key in keys
+        ):
+            refs = [StorageRef(key, dtype, numel) for key in keys]
+            known.update(zip(keys, refs))
+            return refs
+        return [self.storage_ref(key, dtype, numel) for key in keys]
+
     def array(self, ref: TensorRef) -> np.ndarray:
         """The tensor's values as a read-only numpy view of the archive bytes."""
         start, _ = self._records[f"data/{ref.storage.key}"]
