@@ -260,6 +260,8 @@ def _load(path_or_archive, *, fast: bool, monkeypatch=None):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Unpickler, "_tensor_record", counting("tensor"))
         patch.setattr(Unpickler, "_row_record", counting("row"))
+        if not fast:
+            patch.setattr(Unpickler, "_string_run", _no_string_run)
         source = path_or_archive
         if not isinstance(source, TorchArchive):
             source = TorchArchive.open(source)
@@ -267,6 +269,10 @@ def _load(path_or_archive, *, fast: bool, monkeypatch=None):
             return source.load(), taken
         except FileFormatError as err:  # UnsafeFileError included
             return (type(err), str(err)), taken
+
+
+def _no_string_run(self, *args) -> None:
+    """The string fast path, off: each string and put an opcode of its own."""
 
 
 def test_upstream_files_take_the_record_fast_paths(reference_set):
@@ -397,14 +403,15 @@ def _pickle_span(raw: bytes, path: str) -> tuple[int, int]:
 
 # A record in the middle of a run, from its first byte (the rebuilder's get,
 # the EMPTY_DICT) to the next record's.
-_RECORDS = {"nucleotide": rb"\}r.{4}\(", "protein": rb"j.{4}\(\(j"}
+_RECORDS = {"nucleotide": rb"\}r.{4}\(", "protein": rb"j.{4}\(\(j", "ids": rb"X.\0\0\0p_"}
 
 
 def _middle_record(raw: bytes, path: str, kind: str, where: float) -> tuple[int, int]:
     """Where, in ``raw``, the record ``where`` of the way through the pickle starts and ends.
 
-    Past 0.8, the rows' id gets are LONG_BINGETs, which may name an index
-    not in the memo; before, BINGETs.
+    A record of ``kind``: a row ('nucleotide'), a tensor ('protein') or an
+    id and its memo put ('ids').  Past 0.8, the rows' id gets are
+    LONG_BINGETs, which may name an index not in the memo; before, BINGETs.
     """
     start, end = _pickle_span(raw, path)
     starts = [m.start() for m in re.finditer(_RECORDS[kind], raw[start:end], re.DOTALL)]
@@ -412,11 +419,14 @@ def _middle_record(raw: bytes, path: str, kind: str, where: float) -> tuple[int,
     return start + starts[middle], start + starts[middle + 1]
 
 
-@pytest.mark.parametrize("kind", ["nucleotide", "protein"])
-def test_runs_never_change_the_outcome_of_damage_to_any_byte_of_a_record(long_pair, kind):
-    path = getattr(long_pair, kind)
+@pytest.mark.parametrize("kind, side, where", [
+    ("nucleotide", "nucleotide", 0.9), ("protein", "protein", 0.9),
+    ("ids", "nucleotide", 0.9), ("ids", "protein", 0.3),  # memo puts: LONG_BINPUT, BINPUT
+])
+def test_runs_never_change_the_outcome_of_damage_to_any_byte_of_a_record(long_pair, kind, side, where):
+    path = getattr(long_pair, side)
     raw = open(path, "rb").read()
-    first, stop = _middle_record(raw, path, kind, 0.9)
+    first, stop = _middle_record(raw, path, kind, where)
     for at in range(first, stop):
         for value in (raw[at] + 1) % 256, raw[at] ^ 0x80:
             damaged = raw[:at] + bytes([value]) + raw[at + 1 :]
@@ -426,8 +436,8 @@ def test_runs_never_change_the_outcome_of_damage_to_any_byte_of_a_record(long_pa
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_runs_never_change_the_outcome_of_a_damaged_pickle(long_pair, data):
-    kind = data.draw(st.sampled_from(["nucleotide", "protein"]))
-    path = getattr(long_pair, kind)
+    kind = data.draw(st.sampled_from(["nucleotide", "protein", "ids"]))
+    path = getattr(long_pair, kind if kind != "ids" else data.draw(st.sampled_from(["nucleotide", "protein"])))
     raw = bytearray(open(path, "rb").read())
     start, end = _pickle_span(bytes(raw), path)
     first, stop = _middle_record(bytes(raw), path, kind, data.draw(st.sampled_from([0.3, 0.9])))
@@ -475,21 +485,24 @@ def _with_pickle(raw: bytes, pickle: bytes) -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("kind", ["nucleotide", "protein"])
+@pytest.mark.parametrize("kind", ["nucleotide", "protein", "ids"])
 @pytest.mark.parametrize("inside", [0, 1, 2])  # bytes into an opcode: 0 is between two
 def test_no_fast_path_reads_across_the_end_of_a_frame(long_pair, kind, inside):
     # A FRAME may end between any two opcodes, and the pickle go on unframed
     # (CPython's unpickler reads on); an opcode that runs across its end is
     # refused.  Fast paths stop at a frame's end as the opcodes would.
-    path = getattr(long_pair, kind)
+    path = getattr(long_pair, kind if kind != "ids" else "protein")
     raw = open(path, "rb").read()
     start, end = _pickle_span(raw, path)
     pickle = raw[start:end]
     first, stop = _middle_record(raw, path, kind, 0.5)
-    opcode = {"nucleotide": b"(", "protein": b"Q"}[kind]  # a one-byte opcode in the record
-    boundary = raw.index(opcode, first + 8, stop) - start + (inside and inside + 2)
-    if inside:  # in the middle of the memo get or put that follows the opcode
-        boundary = pickle.index(b"r", boundary - inside - 2) + inside
+    # An opcode in the record: a MARK, a NEWOBJ or the put after an id
+    if kind == "ids":
+        boundary = first + 5 + raw[first + 1] - start
+    else:
+        boundary = raw.index({"nucleotide": b"(", "protein": b"Q"}[kind], first + 8, stop) - start
+    if inside:  # in the middle of the next memo put
+        boundary = pickle.index(b"r", boundary) + inside
     framed = pickle[:2] + b"\x95" + struct.pack("<Q", boundary - 2) + pickle[2:]
     outcome, _ = _three_ways(TorchArchive(_with_pickle(raw, framed), path))
     if inside:

@@ -6,6 +6,7 @@ import os
 import re
 import stat
 import struct
+from itertools import repeat
 
 import numpy as np
 
@@ -188,13 +189,13 @@ class TorchArchive:
 
     def storage_refs(self, keys: list[str], dtype: np.dtype, numel: int) -> list[StorageRef]:
         """:meth:`storage_ref` of each of ``keys`` in turn; checked at once when all are new."""
-        need, records, known = numel * dtype.itemsize, self._records, self._storages
-        if numel >= 0 and known.keys().isdisjoint(keys) and len(set(keys)) == len(keys) and all(
-            records.get("data/" + key, (0, -1))[1] == need for key in keys
-        ):
-            refs = [StorageRef(key, dtype, numel) for key in keys]
-            known.update(zip(keys, refs))
-            return refs
+        known = self._storages
+        if numel >= 0 and known.keys().isdisjoint(keys) and len(set(keys)) == len(keys):
+            found = list(map(self._records.get, ["data/" + key for key in keys]))
+            if None not in found and {size for _, size in found} <= {numel * dtype.itemsize}:
+                refs = list(map(StorageRef, keys, repeat(dtype), repeat(numel)))
+                known.update(zip(keys, refs))
+                return refs
         return [self.storage_ref(key, dtype, numel) for key in keys]
 
     def array(self, ref: TensorRef) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import FileFormatError
 from .refs import ORDERED_DICT, STORAGE_DTYPES, FloatRun, Global, StorageRef, TensorRef, known_location
-from .runs import MAX_TEMPLATES, row_run, tensor_run, tensor_run_patterns
+from .runs import MAX_TEMPLATES, row_run, tensor_run, tensor_run_layout
 
 # Opcodes, as the integers that indexing a bytes object gives.
 APPENDS = ord("e")
@@ -114,6 +114,38 @@ class RecordFastPaths:
             return FloatRun(begin - self.base, run), end
         return None, end
 
+    def _string_run(self, pos: int, stack: list, memo: dict) -> int | None:
+        """Push the strings from the BINUNICODE at ``pos`` that are each put in the memo.
+
+        A list of ids is such a run: ``X <size> <utf-8> r <index>`` (or a
+        BINPUT), the index always the memo's next.  One string and its put
+        per step of a small loop, instead of two turns of the opcode loop;
+        where anything else comes (another opcode, a string that is not
+        UTF-8, the end of the frame), the opcodes carry on.  Returns where
+        the run ends, or None if it took nothing.
+        """
+        data, limit, start = self.data, self.limit, pos
+        unpack_from, index = struct.unpack_from, len(memo)
+        while pos + 10 <= limit and data[pos] == 0x58:
+            after = pos + 5 + unpack_from("<I", data, pos + 1)[0]
+            if after + 2 > limit:
+                break
+            put = data[after]
+            if put == 0x72 and after + 5 <= limit and unpack_from("<I", data, after + 1)[0] == index:
+                end = after + 5
+            elif put == 0x71 and data[after + 1] == index:
+                end = after + 2
+            else:
+                break
+            try:
+                value = str(data[pos + 5 : after], "utf-8", "surrogatepass")
+            except UnicodeDecodeError:
+                break
+            stack.append(value)
+            memo[index] = value
+            index, pos = index + 1, end
+        return pos if pos != start else None
+
     def _row_record(self, pos: int, memo: dict) -> tuple[list[dict], int] | None:
         """Read a whole DNABERT-S row after its EMPTY_DICT at ``pos``, and the run of rows after it.
 
@@ -179,12 +211,12 @@ class RecordFastPaths:
         memo.update(zip(range(first, first + 7), (key, pid, shape, strides, hooks, args, tensor)))
         if not self.runs:
             return [tensor], match.end()
-        patterns = self._run_patterns.get((get, shared))
-        if patterns is None:
-            if len(self._run_patterns) >= MAX_TEMPLATES:
+        layout = self._run_layouts.get((get, shared))
+        if layout is None:
+            if len(self._run_layouts) >= MAX_TEMPLATES:
                 return [tensor], match.end()
-            patterns = self._run_patterns[get, shared] = tensor_run_patterns(get, shared)
-        tensors, end = tensor_run(self, patterns, template, match.end(), memo)
+            layout = self._run_layouts[get, shared] = tensor_run_layout(get, shared)
+        tensors, end = tensor_run(self, layout, template, match.end(), memo)
         return [tensor, *tensors], end
 
     def _check_template(self, pos: int, shared: tuple[bytes, ...], memo: dict) -> tuple | None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from itertools import chain, count, repeat
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,65 +26,87 @@ from .refs import FloatRun, TensorRef
 
 # Runs use only LONG_BINPUT puts (memo indices from 256 on): a file of a few
 # hundred rows or more, where speed matters, has its rows there.
-_PUT = rb"r(.{4})"
-_PUT_UNCAPTURED = rb"r.{4}"
+_PUT, _LENGTH, _KEY = "put", "length", "key"
+_PIECES = {_PUT: rb"r.{4}", _LENGTH: rb"[\x01-\x14]\x00\x00\x00", _KEY: rb"([0-9]+)"}
+_SIZES = {_PUT: 5, _LENGTH: 4}
 
 # A forged file can make each record a new template (the bytes the records
 # share); a pattern compiled for each would cost far more than it saves.
 MAX_TEMPLATES = 8
 
 
-def tensor_run_patterns(get: bytes, shared: tuple[bytes, ...]) -> tuple[re.Pattern, re.Pattern]:
-    """The patterns of one tensor record with ``get`` and ``shared`` bytes, and of a run of them.
+class TensorRun(NamedTuple):
+    """How to find and check a run of tensor records that share their gets and constants."""
+
+    key: re.Pattern
+    """One record; its one group is the storage key (``findall`` gives the keys)."""
+    run: re.Pattern
+    """Any number of records."""
+    length_at: int
+    """Where the key's length byte is, from the record's start."""
+    key_at: int
+    """Where the key starts, from the record's start."""
+    put_at: np.ndarray
+    """Where each of the seven puts' indices is, from the key's end."""
+
+
+def tensor_run_layout(get: bytes, shared: tuple[bytes, ...]) -> TensorRun:
+    """The layout of one tensor record with ``get`` and ``shared`` bytes, and its patterns.
 
     A record, from the rebuilder's memo ``get`` on, is the one-record fast
     path's (see ``_TENSOR_RECORD`` in :mod:`.fastpaths`) with its shared gets
-    and constants as literal bytes.  Its groups: the key's length byte, the
-    key, the seven puts' indices.  A record matches at most one way (each
-    alternative is told by its first byte), so the run pattern splits a run
+    and constants as literal bytes.  A record matches at most one way (the
+    key's digits end at a put's ``r``), so the run pattern splits a run
     exactly as repeated matches of the record pattern do.
     """
-    storage_get, type_get, location_get, numel, offset, size, stride, odict_get = map(re.escape, shared)
+    storage_get, type_get, location_get, numel, offset, size, stride, odict_get = shared
+    pieces = [get + b"((" + storage_get + type_get + b"X", _LENGTH, _KEY, _PUT,
+              location_get + numel + b"t", _PUT, b"Q" + offset + size + b"\x85", _PUT,
+              stride + b"\x85", _PUT, b"\x89" + odict_get + b")R", _PUT, b"t", _PUT, b"R", _PUT]
+    record = b"".join(_PIECES[p] if type(p) is str else re.escape(p) for p in pieces)
+    where, put_at = 0, []
+    for piece in pieces[pieces.index(_KEY) + 1 :]:
+        if piece == _PUT:
+            put_at.append(where + 1)
+        where += _SIZES[piece] if type(piece) is str else len(piece)
+    return TensorRun(
+        key=re.compile(record, re.DOTALL),
+        run=re.compile(rb"(?:" + record.replace(rb"([0-9]+)", rb"[0-9]+") + rb")*", re.DOTALL),
+        length_at=len(pieces[0]), key_at=len(pieces[0]) + 4, put_at=np.array(put_at),
+    )
 
-    def record(put: bytes, key: bytes) -> bytes:
-        return (re.escape(get) + rb"\(\(" + storage_get + type_get + rb"X" + key + put
-                + location_get + numel + rb"t" + put + rb"Q" + offset + size + rb"\x85" + put
-                + stride + rb"\x85" + put + rb"\x89" + odict_get + rb"\)R" + put + rb"t" + put
-                + rb"R" + put)
 
-    one = record(_PUT, rb"([\x01-\x14])\x00\x00\x00([0-9]+)")
-    run = rb"(?:" + record(_PUT_UNCAPTURED, rb"[\x01-\x14]\x00\x00\x00[0-9]+") + rb")*"
-    return re.compile(one, re.DOTALL), re.compile(run, re.DOTALL)
-
-
-def tensor_run(unpickler, patterns: tuple[re.Pattern, re.Pattern], template: tuple, pos: int,
+def tensor_run(unpickler, layout: TensorRun, template: tuple, pos: int,
                memo: dict) -> tuple[list[TensorRef], int]:
-    """The tensor records from ``pos`` on that fit ``patterns``, and where they end.
+    """The tensor records from ``pos`` on that fit ``layout``, and where they end.
 
     ``template`` is what the records share, checked by the one-record path.
     Records are taken up to the first whose key length or memo puts are not
-    what a pickler writes; a missing or short storage raises as the opcodes
-    would at that record.
+    what a pickler writes; a storage that is missing, of another size or
+    already met is checked as the opcodes would at that record.
     """
-    one, run = patterns
-    end = run.match(unpickler.data, pos, unpickler.limit).end()
+    data = unpickler.data
+    end = layout.run.match(data, pos, unpickler.limit).end()
     if end == pos:
         return [], pos
-    found = one.findall(unpickler.data, pos, end)
-    first = len(memo)
-    taken = _valid_tensor_records(found, first)
+    keys = layout.key.findall(data, pos, end)
+    first, n = len(memo), len(keys)
+    lengths = np.fromiter(map(len, keys), np.int64, count=n)
+    # Records differ in length by their keys' alone.
+    fixed = (end - pos - int(lengths.sum())) // n
+    starts = np.arange(n) * fixed
+    starts[1:] += np.cumsum(lengths[:-1])
+    taken = _valid_tensor_records(np.frombuffer(data, np.uint8, count=end - pos, offset=pos),
+                                  layout, starts, lengths, first)
     if not taken:
         return [], pos
-    if taken < len(found):
-        # Records differ in length by their keys' alone.
-        key_bytes = [len(key) for _, key, *_ in found]
-        fixed = (end - pos - sum(key_bytes)) // len(found)
-        found, end = found[:taken], pos + taken * fixed + sum(key_bytes[:taken])
+    if taken < n:
+        keys, end = keys[:taken], pos + int(starts[taken])
     storage_type, location, dtype, numel, offset, shape, strides = template
-    keys = [str(key, "ascii") for _, key, *_ in found]
+    keys = b"\0".join(keys).decode("ascii").split("\0")  # digits: no NUL in a key
     storages = unpickler.archive.storage_refs(keys, dtype, numel)
-    tensors = [TensorRef(storage, offset, shape, strides) for storage in storages]
-    pids = [("storage", storage_type, key, location, numel) for key in keys]
+    tensors = list(map(TensorRef, storages, repeat(offset), repeat(shape), repeat(strides)))
+    pids = list(zip(repeat("storage"), repeat(storage_type), keys, repeat(location), repeat(numel)))
     hooks = [{} for _ in keys]
     args = list(zip(storages, repeat(offset), repeat(shape), repeat(strides), repeat(False), hooks))
     memo.update(zip(count(first), chain.from_iterable(
@@ -91,14 +114,14 @@ def tensor_run(unpickler, patterns: tuple[re.Pattern, re.Pattern], template: tup
     return tensors, end
 
 
-def _valid_tensor_records(found: list[tuple[bytes, ...]], first: int) -> int:
-    """How many of ``found`` (findall groups) come before the first one a pickler would not write."""
-    n = len(found)
-    lengths = np.frombuffer(b"".join(length for length, *_ in found), np.uint8)
-    keys = np.fromiter((len(key) for _, key, *_ in found), np.intp, count=n)
-    puts = np.frombuffer(b"".join(chain.from_iterable(puts for _, _, *puts in found)), "<u4")
-    expected = np.arange(first, first + 7 * n, dtype=np.int64)
-    good = (lengths == keys) & (puts == expected).reshape(n, 7).all(axis=1)
+def _valid_tensor_records(run: np.ndarray, layout: TensorRun, starts: np.ndarray,
+                          lengths: np.ndarray, first: int) -> int:
+    """How many records, from the start of ``run`` (its bytes), come before the first a pickler would not write."""
+    n = len(starts)
+    good = run[starts + layout.length_at] == lengths
+    put_at = (starts + layout.key_at + lengths)[:, None] + layout.put_at
+    puts = np.ascontiguousarray(run[put_at[..., None] + np.arange(4)]).view("<u4")[..., 0]
+    good &= (puts == np.arange(first, first + 7 * n).reshape(n, 7)).all(axis=1)
     return n if good.all() else int(np.argmin(good))
 
 

@@ -38,7 +38,7 @@ class Unpickler(RecordFastPaths):
     def __init__(self, archive: TorchArchive, *, fast_paths: bool = True):
         self.archive = archive
         if not fast_paths:  # every record taken opcode by opcode
-            self._tensor_record = self._row_record = _no_record
+            self._tensor_record = self._row_record = self._string_run = _no_record
         # The machine reads the archive's bytes in place: positions are
         # absolute, and ``base`` turns them into data.pkl offsets.
         self.data = archive.buffer
@@ -48,7 +48,7 @@ class Unpickler(RecordFastPaths):
         # current FRAME (an opcode boundary there is no record's end).
         self.limit = self.end
         self._templates: dict[tuple[bytes, ...], tuple] = {}  # see _tensor_record
-        self._run_patterns: dict[tuple, tuple] = {}  # see _tensor_record
+        self._run_layouts: dict[tuple, object] = {}  # see _tensor_record
         self._run_hint, self._run_ops = 0, b""  # see _float_run
 
     def _refuse(self, pos: int, what: str) -> UnsafeFileError:
@@ -136,6 +136,8 @@ class Unpickler(RecordFastPaths):
                         raise self._below_mark(pos)
                     args = stack.pop()
                     stack[-1] = self._reduce(pos, stack[-1], args)
+                elif op == 0x58 and (after := self._string_run(pos - 1, stack, memo)):
+                    pos = after  # a list of ids: strings, each put in the memo, taken at once
                 elif op == 0x58 or op == 0x8C or op == 0x8D:  # BINUNICODE, SHORT_, 8
                     if op == 0x58:
                         size, pos = unpack_from("<I", data, pos)[0], pos + 4
