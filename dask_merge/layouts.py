@@ -152,8 +152,7 @@ def read_features(path: str | os.PathLike[str], kind: str) -> FeatureFile:
         )
     _check_unique(path, ids, ids_key)
     vectors, width = (_nucleotide_vectors if kind == "nucleotide" else _protein_vectors)(path, ids, rows)
-    fast = all(map(_is_fast, vectors))
-    return FeatureFile(path, ids, width, fast, archive, vectors)
+    return FeatureFile(path, ids, width, _all_fast(vectors), archive, vectors)
 
 
 def _check_layout(path: str, obj: object, kind: str) -> None:
@@ -247,6 +246,17 @@ def _protein_vector(path: str, seq_id: str, row: object) -> int:
             f"{path}: the vector of id {seq_id!r} is {row.storage.dtype}, expected float32"
         )
     return row.shape[0]
+
+
+def _all_fast(vectors: list) -> bool:
+    """Whether every vector is one slice of the file's bytes (see :meth:`FeatureFile.fill`)."""
+    # Two common cases at C speed: contiguous tensors, single runs of floats.
+    types = {*map(type, vectors)}
+    if types == {TensorRef} and {v.stride for v in vectors} == {(1,)}:
+        return True
+    if types == {list} and {*map(len, vectors)} == {1} and {type(v[0]) for v in vectors} == {FloatRun}:
+        return True
+    return all(map(_is_fast, vectors))
 
 
 def _is_fast(vector: object) -> bool:
