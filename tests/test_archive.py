@@ -253,13 +253,15 @@ def _load(path_or_archive, *, fast: bool, monkeypatch=None):
     def counting(kind):
         def record(self, *args):
             found = real[kind](self, *args) if fast else None
-            taken[kind] += found is not None
+            taken[kind] += len(found[0]) if found else 0
             return found
         return record
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Unpickler, "_tensor_record", counting("tensor"))
         patch.setattr(Unpickler, "_row_record", counting("row"))
+        if not fast:
+            patch.setattr(Unpickler, "_string_run", _no_string_run)
         source = path_or_archive
         if not isinstance(source, TorchArchive):
             source = TorchArchive.open(source)
@@ -267,6 +269,10 @@ def _load(path_or_archive, *, fast: bool, monkeypatch=None):
             return source.load(), taken
         except FileFormatError as err:  # UnsafeFileError included
             return (type(err), str(err)), taken
+
+
+def _no_string_run(self, *args) -> None:
+    """The string fast path, off: each string and put an opcode of its own."""
 
 
 def test_upstream_files_take_the_record_fast_paths(reference_set):
@@ -334,10 +340,187 @@ def test_record_fast_paths_never_change_the_outcome_of_a_damaged_pickle(tmp_path
     assert _same(_load(viewed, fast=True)[0], outcome)
 
 
+# --- runs of records (dask_merge.torchfile.runs) --------------------------------------------
+#
+# After a record read by a fast path, the records that repeat it are taken in
+# bulk.  Runs use LONG_BINPUT puts only: files of more than ~250 rows.  Each
+# outcome is checked three ways: runs, the one-record fast paths alone, the
+# opcodes alone.
+
+
+def _three_ways(source) -> tuple:
+    """The outcome with runs, and the taken counts; asserts the other two ways agree."""
+    with_runs, taken = _load(source, fast=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Unpickler, "runs", False)
+        assert _same(_load(source, fast=True)[0], with_runs)
+    assert _same(_load(source, fast=False)[0], with_runs)
+    return with_runs, taken
+
+
+def _run_calls(monkeypatch) -> dict[str, int]:
+    """Count the records that runs take (on top of the one-record paths)."""
+    from dask_merge.torchfile import fastpaths, runs
+
+    taken = {"tensor": 0, "row": 0}
+    for kind, name in (("tensor", "tensor_run"), ("row", "row_run")):
+        real = getattr(runs, name)
+
+        def counting(*args, _real=real, _kind=kind):
+            found = _real(*args)
+            taken[_kind] += len(found[0])
+            return found
+        monkeypatch.setattr(fastpaths, name, counting)
+    return taken
+
+
+@pytest.fixture(scope="module")
+def long_pair(tmp_path_factory):
+    """A 300-row pair: memo indices of its records are past 255 (LONG_BINPUT)."""
+    return make_pair(tmp_path_factory.mktemp("long"), "p", rows=300, nucleotide_width=5,
+                     protein_width=3, nucleotide_only=2, protein_only=1, seed=3)
+
+
+def test_runs_take_the_records_after_the_first_and_give_what_the_opcodes_give(long_pair, monkeypatch):
+    in_runs = _run_calls(monkeypatch)
+    for path, kind in ((long_pair.nucleotide, "row"), (long_pair.protein, "tensor")):
+        loaded, taken = _three_ways(TorchArchive.open(path))
+        rows = len(loaded["data"])
+        assert taken[kind] == rows - 1, (path, taken)
+        # All but the first, and those after a batch of APPENDS (1,000 items).
+        assert in_runs[kind] == rows - 2, in_runs
+    torch_loaded = torch.load(long_pair.protein)
+    archive = TorchArchive.open(long_pair.protein)
+    assert [t.numpy().tolist() for t in torch_loaded["data"]] == [
+        archive.array(ref).tolist() for ref in archive.load()["data"]
+    ]
+
+
+def _pickle_span(raw: bytes, path: str) -> tuple[int, int]:
+    source = TorchArchive(raw, path)
+    return source.pickle_offset, source.pickle_offset + source.pickle_size
+
+
+# A record in the middle of a run, from its first byte (the rebuilder's get,
+# the EMPTY_DICT) to the next record's.
+_RECORDS = {"nucleotide": rb"\}r.{4}\(", "protein": rb"j.{4}\(\(j", "ids": rb"X.\0\0\0p_"}
+
+
+def _middle_record(raw: bytes, path: str, kind: str, where: float) -> tuple[int, int]:
+    """Where, in ``raw``, the record ``where`` of the way through the pickle starts and ends.
+
+    A record of ``kind``: a row ('nucleotide'), a tensor ('protein') or an
+    id and its memo put ('ids').  Past 0.8, the rows' id gets are
+    LONG_BINGETs, which may name an index not in the memo; before, BINGETs.
+    """
+    start, end = _pickle_span(raw, path)
+    starts = [m.start() for m in re.finditer(_RECORDS[kind], raw[start:end], re.DOTALL)]
+    middle = int(len(starts) * where)
+    return start + starts[middle], start + starts[middle + 1]
+
+
+@pytest.mark.parametrize("kind, side, where", [
+    ("nucleotide", "nucleotide", 0.9), ("protein", "protein", 0.9),
+    ("ids", "nucleotide", 0.9), ("ids", "protein", 0.3),  # memo puts: LONG_BINPUT, BINPUT
+])
+def test_runs_never_change_the_outcome_of_damage_to_any_byte_of_a_record(long_pair, kind, side, where):
+    path = getattr(long_pair, side)
+    raw = open(path, "rb").read()
+    first, stop = _middle_record(raw, path, kind, where)
+    for at in range(first, stop):
+        for value in (raw[at] + 1) % 256, raw[at] ^ 0x80:
+            damaged = raw[:at] + bytes([value]) + raw[at + 1 :]
+            _three_ways(TorchArchive(damaged, path))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_runs_never_change_the_outcome_of_a_damaged_pickle(long_pair, data):
+    kind = data.draw(st.sampled_from(["nucleotide", "protein", "ids"]))
+    path = getattr(long_pair, kind if kind != "ids" else data.draw(st.sampled_from(["nucleotide", "protein"])))
+    raw = bytearray(open(path, "rb").read())
+    start, end = _pickle_span(bytes(raw), path)
+    first, stop = _middle_record(bytes(raw), path, kind, data.draw(st.sampled_from([0.3, 0.9])))
+    for _ in range(data.draw(st.integers(1, 3))):
+        # Mostly in one record; at times anywhere after the first few.
+        at = data.draw(st.integers(first, stop - 1) | st.integers(start + (end - start) // 10, end - 2))
+        raw[at] = data.draw(st.integers(0, 255))
+    damaged = bytes(raw)
+    outcome = _three_ways(TorchArchive(damaged, path))[0]
+    viewed = TorchArchive(memoryview(bytearray(damaged + b"spare"))[: len(damaged)], path)
+    assert _same(_load(viewed, fast=True)[0], outcome)
+
+
+def test_a_run_stops_at_a_memo_put_out_of_order_and_the_opcodes_refuse_it(long_pair, monkeypatch):
+    in_runs = _run_calls(monkeypatch)
+    # The put of a row's list of values, of a tensor's hooks: a third from the end.
+    for path, put in ((long_pair.nucleotide, rb"\]r(.{4})\(G"), (long_pair.protein, rb"\)Rr(.{4})")):
+        raw = bytearray(open(path, "rb").read())
+        start, end = _pickle_span(bytes(raw), path)
+        at = start + [m.start(1) for m in re.finditer(put, raw[start:end], re.DOTALL)][-3]
+        index = struct.unpack_from("<I", raw, at)[0]
+        struct.pack_into("<I", raw, at, index + 1)
+        (error, message), _ = _three_ways(TorchArchive(bytes(raw), path))
+        assert error is UnsafeFileError and "memo index" in message, message
+    assert in_runs["tensor"] > 250 and in_runs["row"] > 250, in_runs
+
+
+def test_a_run_refuses_a_missing_storage_as_the_opcodes_do(tmp_path, long_pair):
+    raw = open(long_pair.protein, "rb").read()
+    # Rename storage record 200 (a name in the zip directory and its local header).
+    name = b"/data/200"
+    assert raw.count(name) == 2
+    forged = raw.replace(name, b"/data/X00")
+    (error, message), _ = _three_ways(TorchArchive(forged, long_pair.protein))
+    assert error is FileFormatError and "storage '200'" in message, message
+
+
+def _with_pickle(raw: bytes, pickle: bytes) -> bytes:
+    """The archive ``raw`` with its data.pkl replaced by ``pickle``."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(raw)) as source, zipfile.ZipFile(out, "w") as target:
+        for info in source.infolist():
+            data = pickle if info.filename.endswith("/data.pkl") else source.read(info)
+            target.writestr(info.filename, data, zipfile.ZIP_STORED)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["nucleotide", "protein", "ids"])
+@pytest.mark.parametrize("inside", [0, 1, 2])  # bytes into an opcode: 0 is between two
+def test_no_fast_path_reads_across_the_end_of_a_frame(long_pair, kind, inside):
+    # A FRAME may end between any two opcodes, and the pickle go on unframed
+    # (CPython's unpickler reads on); an opcode that runs across its end is
+    # refused.  Fast paths stop at a frame's end as the opcodes would.
+    path = getattr(long_pair, kind if kind != "ids" else "protein")
+    raw = open(path, "rb").read()
+    start, end = _pickle_span(raw, path)
+    pickle = raw[start:end]
+    first, stop = _middle_record(raw, path, kind, 0.5)
+    # An opcode in the record: a MARK, a NEWOBJ or the put after an id
+    if kind == "ids":
+        boundary = first + 5 + raw[first + 1] - start
+    else:
+        boundary = raw.index({"nucleotide": b"(", "protein": b"Q"}[kind], first + 8, stop) - start
+    if inside:  # in the middle of the next memo put
+        boundary = pickle.index(b"r", boundary) + inside
+    framed = pickle[:2] + b"\x95" + struct.pack("<Q", boundary - 2) + pickle[2:]
+    outcome, _ = _three_ways(TorchArchive(_with_pickle(raw, framed), path))
+    if inside:
+        assert outcome[0] is FileFormatError and "across the end of its FRAME" in outcome[1], outcome
+    else:
+        original = TorchArchive.open(path).load()
+        assert type(outcome) is dict and outcome.keys() == original.keys()
+        assert len(outcome["data"]) == len(original["data"])
+
+
 def _same(a, b, seen=None) -> bool:
     """``a == b`` for object graphs that may hold cycles (a damaged memo can
     append a list to itself), where ``==`` would recurse without end."""
-    seen = set() if seen is None else seen
+    if seen is None:
+        try:
+            return type(a) is type(b) and a == b
+        except RecursionError:
+            seen = set()
     if type(a) is not type(b):
         return False
     if not isinstance(a, (list, tuple, dict)):

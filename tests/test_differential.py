@@ -84,16 +84,22 @@ def _ids(rng: random.Random, n: int) -> list[str]:
     return [f"seq_{rng.randrange(10**6)}_{i}_chunk_1R{1 + i % 2}" for i in range(n)]
 
 
+def _row_count(rng: random.Random) -> int:
+    """Mostly a few rows; at times enough that the rows' memo indices pass 255,
+    where the reader takes runs of records in bulk (torchfile.runs)."""
+    return rng.randint(0, 6) if rng.random() < 0.96 else rng.randint(256, 300)
+
+
 def nucleotide_layout(rng: random.Random) -> dict:
     """A DNABERT-S file: rows of pickled floats."""
-    ids, width = _ids(rng, rng.randint(0, 6)), rng.randint(1, 6)
+    ids, width = _ids(rng, _row_count(rng)), rng.randint(1, 6)
     return {"nucleotide": ids, "data": [{"label": i, "mean_representation": _floats(rng, width)}
                                         for i in ids]}
 
 
 def protein_layout(rng: random.Random) -> dict:
     """An ESM file: rows of one matrix (views of one storage) or tensors of their own."""
-    ids, width = _ids(rng, rng.randint(0, 6)), rng.randint(1, 6)
+    ids, width = _ids(rng, _row_count(rng)), rng.randint(1, 6)
     matrix = _matrix(rng, len(ids), width, torch.float32)
     rows = list(matrix) if rng.random() < 0.5 else [row.clone() for row in matrix]
     return {"proteins": ids, "data": rows}

@@ -738,3 +738,23 @@ def test_big_durable_writes_go_to_the_disk_as_they_are_written(tmp_path, monkeyp
     atomic.atomic_write(str(tmp_path / "record.json"), write, durable=False)
     atomic.atomic_write(str(tmp_path / "small.pt"), lambda f: f.write(block))
     assert advised == []  # not durable, or too small to bother
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fill_gives_each_row_as_torch_tensor_would_in_any_order(tmp_path_factory, data):
+    # The fast fill converts stretches of equally spaced rows in one go: any
+    # order of rows (runs forwards, backwards, repeats, jumps) gives the rows
+    # one by one.
+    folder = tmp_path_factory.mktemp("fill")
+    pair = make_pair(folder, "p", rows=300, nucleotide_width=4, protein_width=3, seed=5)
+    features = read_features(pair.nucleotide, "nucleotide")
+    assert features.fast
+    rows = data.draw(st.lists(st.integers(0, 299), min_size=1, max_size=60)
+                     | st.integers(0, 290).map(lambda i: list(range(i, i + 10)))
+                     | st.integers(10, 299).map(lambda i: list(range(i, i - 10, -1))))
+    out = np.empty((len(rows), 4), np.float32)
+    features.fill(out, rows)
+    loaded = torch.load(pair.nucleotide)["data"]
+    expected = torch.stack([torch.tensor(loaded[i]["mean_representation"]) for i in rows])
+    assert out.tobytes() == expected.numpy().tobytes()

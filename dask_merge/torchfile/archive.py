@@ -7,6 +7,7 @@ import re
 import stat
 import struct
 from collections.abc import Callable
+from itertools import repeat
 
 import numpy as np
 
@@ -171,6 +172,17 @@ class TorchArchive:
             )
         ref = self._storages[key] = StorageRef(key, dtype, numel)
         return ref
+
+    def storage_refs(self, keys: list[str], dtype: np.dtype, numel: int) -> list[StorageRef]:
+        """:meth:`storage_ref` of each of ``keys`` in turn; checked at once when all are new."""
+        known = self._storages
+        if numel >= 0 and known.keys().isdisjoint(keys) and len(set(keys)) == len(keys):
+            found = list(map(self._records.get, ["data/" + key for key in keys]))
+            if None not in found and {size for _, size in found} <= {numel * dtype.itemsize}:
+                refs = list(map(StorageRef, keys, repeat(dtype), repeat(numel)))
+                known.update(zip(keys, refs))
+                return refs
+        return [self.storage_ref(key, dtype, numel) for key in keys]
 
     def array(self, ref: TensorRef) -> np.ndarray:
         """The tensor's values as a read-only numpy view of the archive bytes."""

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import FileFormatError
 from .refs import ORDERED_DICT, STORAGE_DTYPES, FloatRun, Global, StorageRef, TensorRef, known_location
+from .runs import MAX_TEMPLATES, row_run, tensor_run, tensor_run_layout
 
 # Opcodes, as the integers that indexing a bytes object gives.
 APPENDS = ord("e")
@@ -84,13 +85,16 @@ def _put_indices(puts: bytes) -> tuple[int, ...]:
 class RecordFastPaths:
     """The fast paths, as methods of :class:`~dask_merge.torchfile.unpickler.Unpickler`."""
 
+    runs = True
+    """Whether a record read by a fast path takes the run of records after it too (:mod:`.runs`)."""
+
     def _float_run(self, begin: int) -> tuple[FloatRun | None, int]:
         """The run of BINFLOATs at ``begin`` and where it ends.
 
         A run that fills a list (APPENDS follows) comes back as a
         :class:`FloatRun`, decoded later in one go; any other as None.
         """
-        data, n = self.data, self.end
+        data, n = self.data, self.limit
         end = begin + 9 * self._run_hint
         # Rows of one file share a width: try the last run's first.
         if end < n and data[end] == APPENDS and data[begin:end:9] == self._run_ops:
@@ -110,14 +114,46 @@ class RecordFastPaths:
             return FloatRun(begin - self.base, run), end
         return None, end
 
-    def _row_record(self, pos: int, memo: dict) -> tuple[dict, int] | None:
-        """Read a whole DNABERT-S row after its EMPTY_DICT at ``pos``.
+    def _string_run(self, pos: int, stack: list, memo: dict) -> int | None:
+        """Push the strings from the BINUNICODE at ``pos`` that are each put in the memo.
+
+        A list of ids is such a run: ``X <size> <utf-8> r <index>`` (or a
+        BINPUT), the index always the memo's next.  One string and its put
+        per step of a small loop, instead of two turns of the opcode loop;
+        where anything else comes (another opcode, a string that is not
+        UTF-8, the end of the frame), the opcodes carry on.  Returns where
+        the run ends, or None if it took nothing.
+        """
+        data, limit, start = self.data, self.limit, pos
+        unpack_from, index = struct.unpack_from, len(memo)
+        while pos + 10 <= limit and data[pos] == 0x58:
+            after = pos + 5 + unpack_from("<I", data, pos + 1)[0]
+            if after + 2 > limit:
+                break
+            put = data[after]
+            if put == 0x72 and after + 5 <= limit and unpack_from("<I", data, after + 1)[0] == index:
+                end = after + 5
+            elif put == 0x71 and data[after + 1] == index:
+                end = after + 2
+            else:
+                break
+            try:
+                value = str(data[pos + 5 : after], "utf-8", "surrogatepass")
+            except UnicodeDecodeError:
+                break
+            stack.append(value)
+            memo[index] = value
+            index, pos = index + 1, end
+        return pos if pos != start else None
+
+    def _row_record(self, pos: int, memo: dict) -> tuple[list[dict], int] | None:
+        """Read a whole DNABERT-S row after its EMPTY_DICT at ``pos``, and the run of rows after it.
 
         After the first row, each is ``{'label': id, 'mean_representation':
         [floats]}`` with both keys and the id as memo gets.  Like
         :meth:`_tensor_record`: the same effect as the opcodes, or None.
         """
-        match = _ROW_RECORD.match(self.data, pos)
+        match = _ROW_RECORD.match(self.data, pos, self.limit)
         if match is None:
             return None
         put_row, label_get, id_get, values_get, put_values = match.groups()
@@ -128,15 +164,18 @@ class RecordFastPaths:
         if type(label_key) is not str or type(values_key) is not str or seq_id is None:
             return None
         run, end = self._float_run(match.end() - 1)
-        if run is None or self.data[end : end + 2] != b"eu":
+        if run is None or end + 2 > self.limit or self.data[end : end + 2] != b"eu":
             return None
         values = [run]
         row = {label_key: seq_id, values_key: values}
         memo[first], memo[first + 1] = row, values
-        return row, end + 2
+        if not self.runs:
+            return [row], end + 2
+        rows, end = row_run(self, label_get, values_get, (label_key, values_key), run.count, end + 2, memo)
+        return [row, *rows], end
 
-    def _tensor_record(self, pos: int, memo: dict) -> tuple[TensorRef, int] | None:
-        """Read a whole tensor record after the rebuilder's memo get at ``pos``.
+    def _tensor_record(self, get: bytes, pos: int, memo: dict) -> tuple[list[TensorRef], int] | None:
+        """Read a whole tensor record after the rebuilder's memo ``get`` at ``pos``, and the run after it.
 
         Protocol 2 pickles of many tensors (an ESM file: one per row) repeat
         one record in which only the storage key and the memo puts change;
@@ -145,9 +184,10 @@ class RecordFastPaths:
         records share (the gets, the sizes) is checked once.  The effect is
         exactly what the opcodes would do: the same checks, the same memo
         entries.  Anything unexpected returns None and the opcodes run one
-        by one.
+        by one.  The records that follow with the same ``get`` and shared
+        bytes are taken with it (:func:`~.runs.tensor_run`).
         """
-        match = _TENSOR_RECORD.match(self.data, pos)
+        match = _TENSOR_RECORD.match(self.data, pos, self.limit)
         if match is None:
             return None
         (storage_get, type_get, key_length, key, put_key, location_get, numel, put_pid,
@@ -169,7 +209,15 @@ class RecordFastPaths:
         hooks = {}
         args = (storage, offset, shape, strides, False, hooks)
         memo.update(zip(range(first, first + 7), (key, pid, shape, strides, hooks, args, tensor)))
-        return tensor, match.end()
+        if not self.runs:
+            return [tensor], match.end()
+        layout = self._run_layouts.get((get, shared))
+        if layout is None:
+            if len(self._run_layouts) >= MAX_TEMPLATES:
+                return [tensor], match.end()
+            layout = self._run_layouts[get, shared] = tensor_run_layout(get, shared)
+        tensors, end = tensor_run(self, layout, template, match.end(), memo)
+        return [tensor, *tensors], end
 
     def _check_template(self, pos: int, shared: tuple[bytes, ...], memo: dict) -> tuple | None:
         """Check what tensor records share, once; None if it is not torch's."""

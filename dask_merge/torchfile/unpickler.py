@@ -38,13 +38,17 @@ class Unpickler(RecordFastPaths):
     def __init__(self, archive: TorchArchive, *, fast_paths: bool = True):
         self.archive = archive
         if not fast_paths:  # every record taken opcode by opcode
-            self._tensor_record = self._row_record = _no_record
+            self._tensor_record = self._row_record = self._string_run = _no_record
         # The machine reads the archive's bytes in place: positions are
         # absolute, and ``base`` turns them into data.pkl offsets.
         self.data = archive.buffer
         self.base = archive.pickle_offset
         self.end = archive.pickle_offset + archive.pickle_size
+        # Where the fast paths must stop: the end of the pickle, or of the
+        # current FRAME (an opcode boundary there is no record's end).
+        self.limit = self.end
         self._templates: dict[tuple[bytes, ...], tuple] = {}  # see _tensor_record
+        self._run_layouts: dict[tuple, object] = {}  # see _tensor_record
         self._run_hint, self._run_ops = 0, b""  # see _float_run
 
     def _refuse(self, pos: int, what: str) -> UnsafeFileError:
@@ -80,7 +84,7 @@ class Unpickler(RecordFastPaths):
                 if pos >= frame_end:
                     if pos > frame_end:
                         raise self._broken(frame_end, "an opcode runs across the end of its FRAME")
-                    frame_end = n + 1
+                    frame_end, self.limit = n + 1, n
                 op = data[pos]
                 pos += 1
                 if op == 0x71 or op == 0x72:  # BINPUT, LONG_BINPUT
@@ -100,10 +104,14 @@ class Unpickler(RecordFastPaths):
                         value, pos = memo[data[pos]], pos + 1
                     else:
                         value, pos = memo[unpack_from("<I", data, pos)[0]], pos + 4
-                    # A tensor after the first: take its whole record at once.
-                    if value is REBUILD_TENSOR and (found := self._tensor_record(pos, memo)):
-                        value, pos = found
-                    stack.append(value)
+                    # A tensor after the first: take its whole record, and those
+                    # after it, at once.
+                    if value is REBUILD_TENSOR and (found := self._tensor_record(
+                            bytes(data[pos - (2 if op == 0x68 else 5) : pos]), pos, memo)):
+                        values, pos = found
+                        stack.extend(values)
+                    else:
+                        stack.append(value)
                 elif op == 0x28:  # MARK
                     floor = len(stack)
                     marks.append(floor)
@@ -128,6 +136,8 @@ class Unpickler(RecordFastPaths):
                         raise self._below_mark(pos)
                     args = stack.pop()
                     stack[-1] = self._reduce(pos, stack[-1], args)
+                elif op == 0x58 and (after := self._string_run(pos - 1, stack, memo)):
+                    pos = after  # a list of ids: strings, each put in the memo, taken at once
                 elif op == 0x58 or op == 0x8C or op == 0x8D:  # BINUNICODE, SHORT_, 8
                     if op == 0x58:
                         size, pos = unpack_from("<I", data, pos)[0], pos + 4
@@ -179,10 +189,10 @@ class Unpickler(RecordFastPaths):
                     del stack[first:]
                     self._setitems(pos, stack[-1], items)
                 elif op == 0x7D:  # EMPTY_DICT
-                    # A DNABERT-S row after the first: take it at once.
+                    # A DNABERT-S row after the first: take it, and those after it, at once.
                     if found := self._row_record(pos, memo):
-                        value, pos = found
-                        stack.append(value)
+                        values, pos = found
+                        stack.extend(values)
                     else:
                         stack.append({})
                 elif op == 0x5D:  # EMPTY_LIST
@@ -229,6 +239,7 @@ class Unpickler(RecordFastPaths):
                     if frame_end <= n:
                         raise self._broken(pos, "a FRAME inside a FRAME")
                     frame_end = pos + 8 + unpack_from("<Q", data, pos)[0]
+                    self.limit = min(frame_end, n)
                     if frame_end > n:
                         raise self._broken(pos, "a FRAME runs past the end of the pickle")
                     pos += 8
@@ -326,7 +337,7 @@ class Unpickler(RecordFastPaths):
         return TensorRef(storage, offset, shape, stride)
 
 
-def _no_record(pos: int, memo: dict) -> None:
+def _no_record(*args: object) -> None:
     """A record fast path that never matches."""
 
 

@@ -1,0 +1,215 @@
+"""Runs of identical records, read in bulk: the rows of a feature file after the first.
+
+The record fast paths (:mod:`.fastpaths`) read one tensor or DNABERT-S row
+at a time.  Once one has been read, the records after it repeat it with only
+the storage key, the id and the memo indices changed; these functions take
+the whole run of such records at once: one regular expression pass (tensors)
+or a few numpy comparisons (rows) check the fixed structure of every record,
+the memo indices are checked as integer arrays, and the objects are built by
+C-speed comprehensions.
+
+Each record of a run has exactly the effect the one-record fast path would
+have on it (the same objects, the same memo entries, the same error).  A run
+ends before the first record that does not fit; from there the one-record
+path, or the opcodes, carry on as if there had been no run.
+"""
+
+from __future__ import annotations
+
+import re
+from itertools import chain, count, repeat
+from typing import NamedTuple
+
+import numpy as np
+
+from .refs import FloatRun, TensorRef
+
+# Runs use only LONG_BINPUT puts (memo indices from 256 on): a file of a few
+# hundred rows or more, where speed matters, has its rows there.
+_PUT, _LENGTH, _KEY = "put", "length", "key"
+_PIECES = {_PUT: rb"r.{4}", _LENGTH: rb"[\x01-\x14]\x00\x00\x00", _KEY: rb"([0-9]+)"}
+_SIZES = {_PUT: 5, _LENGTH: 4}
+
+# A forged file can make each record a new template (the bytes the records
+# share); a pattern compiled for each would cost far more than it saves.
+MAX_TEMPLATES = 8
+
+
+class TensorRun(NamedTuple):
+    """How to find and check a run of tensor records that share their gets and constants."""
+
+    key: re.Pattern
+    """One record; its one group is the storage key (``findall`` gives the keys)."""
+    run: re.Pattern
+    """Any number of records."""
+    length_at: int
+    """Where the key's length byte is, from the record's start."""
+    key_at: int
+    """Where the key starts, from the record's start."""
+    put_at: np.ndarray
+    """Where each of the seven puts' indices is, from the key's end."""
+
+
+def tensor_run_layout(get: bytes, shared: tuple[bytes, ...]) -> TensorRun:
+    """The layout of one tensor record with ``get`` and ``shared`` bytes, and its patterns.
+
+    A record, from the rebuilder's memo ``get`` on, is the one-record fast
+    path's (see ``_TENSOR_RECORD`` in :mod:`.fastpaths`) with its shared gets
+    and constants as literal bytes.  A record matches at most one way (the
+    key's digits end at a put's ``r``), so the run pattern splits a run
+    exactly as repeated matches of the record pattern do.
+    """
+    storage_get, type_get, location_get, numel, offset, size, stride, odict_get = shared
+    pieces = [get + b"((" + storage_get + type_get + b"X", _LENGTH, _KEY, _PUT,
+              location_get + numel + b"t", _PUT, b"Q" + offset + size + b"\x85", _PUT,
+              stride + b"\x85", _PUT, b"\x89" + odict_get + b")R", _PUT, b"t", _PUT, b"R", _PUT]
+    record = b"".join(_PIECES[p] if type(p) is str else re.escape(p) for p in pieces)
+    where, put_at = 0, []
+    for piece in pieces[pieces.index(_KEY) + 1 :]:
+        if piece == _PUT:
+            put_at.append(where + 1)
+        where += _SIZES[piece] if type(piece) is str else len(piece)
+    return TensorRun(
+        key=re.compile(record, re.DOTALL),
+        run=re.compile(rb"(?:" + record.replace(rb"([0-9]+)", rb"[0-9]+") + rb")*", re.DOTALL),
+        length_at=len(pieces[0]), key_at=len(pieces[0]) + 4, put_at=np.array(put_at),
+    )
+
+
+def tensor_run(unpickler, layout: TensorRun, template: tuple, pos: int,
+               memo: dict) -> tuple[list[TensorRef], int]:
+    """The tensor records from ``pos`` on that fit ``layout``, and where they end.
+
+    ``template`` is what the records share, checked by the one-record path.
+    Records are taken up to the first whose key length or memo puts are not
+    what a pickler writes; a storage that is missing, of another size or
+    already met is checked as the opcodes would at that record.
+    """
+    data = unpickler.data
+    end = layout.run.match(data, pos, unpickler.limit).end()
+    if end == pos:
+        return [], pos
+    keys = layout.key.findall(data, pos, end)
+    first, n = len(memo), len(keys)
+    lengths = np.fromiter(map(len, keys), np.int64, count=n)
+    # Records differ in length by their keys' alone.
+    fixed = (end - pos - int(lengths.sum())) // n
+    starts = np.arange(n) * fixed
+    starts[1:] += np.cumsum(lengths[:-1])
+    taken = _valid_tensor_records(np.frombuffer(data, np.uint8, count=end - pos, offset=pos),
+                                  layout, starts, lengths, first)
+    if not taken:
+        return [], pos
+    if taken < n:
+        keys, end = keys[:taken], pos + int(starts[taken])
+    storage_type, location, dtype, numel, offset, shape, strides = template
+    keys = b"\0".join(keys).decode("ascii").split("\0")  # digits: no NUL in a key
+    storages = unpickler.archive.storage_refs(keys, dtype, numel)
+    tensors = list(map(TensorRef, storages, repeat(offset), repeat(shape), repeat(strides)))
+    pids = list(zip(repeat("storage"), repeat(storage_type), keys, repeat(location), repeat(numel)))
+    hooks = [{} for _ in keys]
+    args = list(zip(storages, repeat(offset), repeat(shape), repeat(strides), repeat(False), hooks))
+    memo.update(zip(count(first), chain.from_iterable(
+        zip(keys, pids, repeat(shape), repeat(strides), hooks, args, tensors))))
+    return tensors, end
+
+
+def _valid_tensor_records(run: np.ndarray, layout: TensorRun, starts: np.ndarray,
+                          lengths: np.ndarray, first: int) -> int:
+    """How many records, from the start of ``run`` (its bytes), come before the first a pickler would not write."""
+    n = len(starts)
+    good = run[starts + layout.length_at] == lengths
+    put_at = (starts + layout.key_at + lengths)[:, None] + layout.put_at
+    puts = np.ascontiguousarray(run[put_at[..., None] + np.arange(4)]).view("<u4")[..., 0]
+    good &= (puts == np.arange(first, first + 7 * n).reshape(n, 7)).all(axis=1)
+    return n if good.all() else int(np.argmin(good))
+
+
+# --- DNABERT-S rows ----------------------------------------------------------
+#
+# A row after the first, from its EMPTY_DICT:
+#   } PUT ( LABEL_GET ID_GET VALUES_GET ] PUT ( G*width e u
+# Rows whose id gets have one form (BINGET or LONG_BINGET) have one length,
+# so consecutive rows are a 2-D array of bytes, checked column by column.
+
+_FIRST_CHUNK = 16  # rows checked at first; doubled while all fit (see row_run)
+
+
+def row_run(unpickler, label_get: bytes, values_get: bytes, keys: tuple[str, str], width: int,
+            pos: int, memo: dict) -> tuple[list[dict], int]:
+    """The DNABERT-S rows from ``pos`` on that repeat the one just read, and where they end.
+
+    ``keys`` are the memo values of ``label_get`` and ``values_get`` (both
+    str, checked by the one-record path); every row must have ``width``
+    floats.  Rows are taken in growing chunks, so that a run cut short
+    early costs little, up to the first row that does not fit.
+    """
+    rows: list[dict] = []
+    while True:
+        taken, end = _row_segment(unpickler, label_get, values_get, keys, width, pos, memo)
+        if not taken:
+            return rows, pos
+        rows += taken
+        pos = end
+
+
+def _row_segment(unpickler, label_get, values_get, keys, width, pos, memo) -> tuple[list[dict], int]:
+    """The rows from ``pos`` whose id gets have the form of the first one's."""
+    data, stop = unpickler.data, unpickler.limit
+    id_at = 7 + len(label_get)
+    id_form = data[pos + id_at] if pos + id_at < stop else None
+    if id_form not in (0x68, 0x6A):  # BINGET, LONG_BINGET
+        return [], pos
+    id_size = 1 if id_form == 0x68 else 4
+    header = b"}r\0\0\0\0(" + label_get + bytes([id_form]) + bytes(id_size) + values_get + b"]r\0\0\0\0("
+    length = len(header) + 9 * width + 2
+    rows: list[dict] = []
+    chunk = _FIRST_CHUNK
+    while (available := (stop - pos) // length):
+        block = np.frombuffer(data, np.uint8, count=min(chunk, available) * length, offset=pos)
+        taken = _row_block(unpickler, block.reshape(-1, length), header, id_at + 1, id_size,
+                           keys, width, pos, memo)
+        rows += taken
+        pos += len(taken) * length
+        if len(taken) < len(block) // length:
+            break
+        chunk *= 2
+    return rows, pos
+
+
+def _row_block(unpickler, block: np.ndarray, header: bytes, id_at: int, id_size: int,
+               keys: tuple[str, str], width: int, pos: int, memo: dict) -> list[dict]:
+    """Check rows of one length (a 2-D array of their bytes) and take those before the first misfit."""
+    n, length = block.shape
+    first = len(memo)
+    values_put = len(header) - 5
+    constant = np.frombuffer(header, np.uint8).copy()
+    variable = np.zeros(len(header), bool)
+    for start, size in ((2, 4), (id_at, id_size), (values_put, 4)):
+        variable[start : start + size] = True
+    good = ((block[:, : len(header)] == constant) | variable).all(axis=1)
+    good &= (block[:, len(header) : len(header) + 9 * width : 9] == 0x47).all(axis=1)
+    good &= (block[:, -2] == ord("e")) & (block[:, -1] == ord("u"))
+    good &= _le_ints(block, 2) == np.arange(first, first + 2 * n, 2)
+    good &= _le_ints(block, values_put) == np.arange(first + 1, first + 2 * n, 2)
+    taken = n if good.all() else int(np.argmin(good))
+    id_indices = _le_ints(block[:taken], id_at, id_size).tolist()
+    # An index not in the memo yet (one of these rows' own entries, or
+    # further) is left to the one-record path, which refuses or reads it.
+    ids = [memo.get(index) for index in id_indices]
+    if None in ids:
+        taken = ids.index(None)
+        del ids[taken:]
+    label_key, values_key = keys
+    offset = pos + len(header) - unpickler.base
+    values = [[FloatRun(offset + i * length, width)] for i in range(taken)]
+    rows = [{label_key: seq_id, values_key: run} for seq_id, run in zip(ids, values)]
+    memo.update(zip(count(first), chain.from_iterable(zip(rows, values))))
+    return rows
+
+
+def _le_ints(block: np.ndarray, start: int, size: int = 4) -> np.ndarray:
+    """Column ``start`` (a byte) or ``start:start+4`` (a little-endian uint32) of each row."""
+    if size == 1:
+        return block[:, start].astype(np.int64)
+    return np.ascontiguousarray(block[:, start : start + 4]).view("<u4")[:, 0].astype(np.int64)
