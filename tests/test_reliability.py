@@ -231,19 +231,25 @@ def test_a_killed_writers_temporary_goes_at_once_a_live_ones_never(inputs, tmp_p
 # --- 2. Ctrl-C ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", ["group", "parent"])
-def test_ctrl_c_stops_everything_cleans_up_and_the_rerun_resumes(inputs, tmp_path, target):
-    features, out, run, children = start_a_run(inputs, tmp_path)
-    sent = time.monotonic()
-    if target == "group":  # what a terminal does on Ctrl-C
+def interrupt(run: subprocess.Popen, *, group: bool = True) -> str:
+    """Ctrl-C a run (its whole process group, as a terminal does, or the parent alone);
+    return its stderr once it has exited (it is killed if it has not within 15 s)."""
+    if group:
         os.killpg(run.pid, signal.SIGINT)
     else:  # kill -INT PID: the children hear nothing, the parent must stop them
         os.kill(run.pid, signal.SIGINT)
     try:
-        _, stderr = run.communicate(timeout=15)
+        return run.communicate(timeout=15)[1]
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("target", ["group", "parent"])
+def test_ctrl_c_stops_everything_cleans_up_and_the_rerun_resumes(inputs, tmp_path, target):
+    features, out, run, children = start_a_run(inputs, tmp_path)
+    sent = time.monotonic()
+    stderr = interrupt(run, group=target == "group")
     took = time.monotonic() - sent
     assert run.returncode == 130, stderr
     assert took < 5, f"took {took:.1f} s to stop"
@@ -260,12 +266,7 @@ def test_ctrl_c_stops_everything_cleans_up_and_the_rerun_resumes(inputs, tmp_pat
 def test_ctrl_c_on_a_forced_run_says_to_rerun_without_force(inputs, tmp_path):
     # The same --force command would merge every pair again, not resume.
     features, out, run, children = start_a_run(inputs, tmp_path, "--force")
-    os.killpg(run.pid, signal.SIGINT)
-    try:
-        _, stderr = run.communicate(timeout=15)
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
+    stderr = interrupt(run)
     assert run.returncode == 130, stderr
     done = merged_stems(out)
     assert (f"{len(done)} pairs have an up-to-date output (this run's or older), "
