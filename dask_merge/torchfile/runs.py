@@ -51,7 +51,7 @@ class TensorRun(NamedTuple):
 
 
 def tensor_run_layout(get: bytes, shared: tuple[bytes, ...]) -> TensorRun:
-    """The layout of one tensor record with ``get`` and ``shared`` bytes, and its patterns.
+    """The layout of a tensor record with ``get`` and ``shared`` bytes, and its patterns.
 
     A record, from the rebuilder's memo ``get`` on, is the one-record fast
     path's (see ``_TENSOR_RECORD`` in :mod:`.fastpaths`) with its shared gets
@@ -116,7 +116,7 @@ def tensor_run(unpickler, layout: TensorRun, template: tuple, pos: int,
 
 def _valid_tensor_records(run: np.ndarray, layout: TensorRun, starts: np.ndarray,
                           lengths: np.ndarray, first: int) -> int:
-    """How many records, from the start of ``run`` (its bytes), come before the first a pickler would not write."""
+    """How many records from the start of ``run`` (bytes) precede the first a pickler would not write."""
     n = len(starts)
     good = run[starts + layout.length_at] == lengths
     put_at = (starts + layout.key_at + lengths)[:, None] + layout.put_at
@@ -153,7 +153,8 @@ def row_run(unpickler, label_get: bytes, values_get: bytes, keys: tuple[str, str
         pos = end
 
 
-def _row_segment(unpickler, label_get, values_get, keys, width, pos, memo) -> tuple[list[dict], int]:
+def _row_segment(unpickler, label_get: bytes, values_get: bytes, keys: tuple[str, str], width: int,
+                 pos: int, memo: dict) -> tuple[list[dict], int]:
     """The rows from ``pos`` whose id gets have the form of the first one's."""
     data, stop = unpickler.data, unpickler.limit
     id_at = 7 + len(label_get)
