@@ -591,10 +591,22 @@ _PERSISTENT_ID_TWICE = (  # [storage, its persistent id again]: the id tuple hol
     b"\x80\x02]q\x00(X\x07\x00\x00\x00storageq\x01ctorch\nFloatStorage\nq\x02X\x01\x00\x00\x000q\x03"
     b"X\x03\x00\x00\x00cpuq\x04K\x04tq\x05Qq\x06ah\x05a."
 )
-# A DNABERT-S layout whose second row's id is a memo get of the OrderedDict
-# global (memo entry 2): the row is one the record fast path would take.
-_ROW_ID_GLOBAL = dumps({"x": collections.OrderedDict(), "nucleotide": ["a", "b"], "data": [
-    {"label": i, "mean_representation": [1.0, 2.0]} for i in ["a", "b"]]}).replace(b"h\x0bh\x07", b"h\x0bh\x02")
+
+
+def _row_id_global(rows: int, forged: int) -> bytes:
+    """A DNABERT-S layout whose row ``forged`` has for its id a memo get of the OrderedDict global.
+
+    The global is memo entry 2; the row is one the record fast paths would
+    take (from row 256 on, in a run of rows).
+    """
+    ids = [f"id{i:03}" for i in range(rows)]
+    raw = dumps({"x": collections.OrderedDict(), "nucleotide": ids,
+                 "data": [{"label": i, "mean_representation": [1.0, 2.0]} for i in ids]})
+    put = raw.index(b"X\x05\x00\x00\x00" + ids[forged].encode()) + 10
+    index = raw[put + 1 : put + 2] if raw[put] == ord("q") else raw[put + 1 : put + 5]
+    get, forged_get = (b"h", b"h\x02") if len(index) == 1 else (b"j", b"j\x02\x00\x00\x00")
+    assert raw.count(get + index) == 1, "the id is got once, in its row"
+    return raw.replace(get + index, forged_get)
 
 
 @pytest.mark.parametrize("payload", [
@@ -604,9 +616,10 @@ _ROW_ID_GLOBAL = dumps({"x": collections.OrderedDict(), "nucleotide": ["a", "b"]
     dumps([(torch.FloatStorage,)]),
     dumps([((torch.FloatStorage,),)]),
     _PERSISTENT_ID_TWICE,
-    _ROW_ID_GLOBAL,
+    _row_id_global(2, 1),
+    _row_id_global(400, 350),
 ], ids=["in_a_list", "a_dict_value", "the_result", "in_a_tuple", "in_a_nested_tuple", "a_persistent_id_again",
-        "a_row_id"])
+        "a_row_id", "a_row_id_in_a_run"])
 def test_a_global_neither_called_nor_a_storage_type_is_refused(files, payload):
     # torch.load hands back the function or class itself; the reader calls
     # nothing and has only an inert token to give.
