@@ -585,3 +585,80 @@ def test_an_int_tensor_that_requires_grad_is_refused(files):
         torch.load(forged, weights_only=True)
     with pytest.raises(FileFormatError, match="int32 that requires grad"):
         TorchArchive.open(forged).load()
+
+
+_PERSISTENT_ID_TWICE = (  # [storage, its persistent id again]: the id tuple holds the class FloatStorage
+    b"\x80\x02]q\x00(X\x07\x00\x00\x00storageq\x01ctorch\nFloatStorage\nq\x02X\x01\x00\x00\x000q\x03"
+    b"X\x03\x00\x00\x00cpuq\x04K\x04tq\x05Qq\x06ah\x05a."
+)
+
+
+def _row_id_global(rows: int, forged: int) -> bytes:
+    """A DNABERT-S layout whose row ``forged`` has for its id a memo get of the OrderedDict global.
+
+    The global is memo entry 2; the row is one the record fast paths would
+    take (from row 256 on, in a run of rows).
+    """
+    ids = [f"id{i:03}" for i in range(rows)]
+    raw = dumps({"x": collections.OrderedDict(), "nucleotide": ids,
+                 "data": [{"label": i, "mean_representation": [1.0, 2.0]} for i in ids]})
+    put = raw.index(b"X\x05\x00\x00\x00" + ids[forged].encode()) + 10
+    index = raw[put + 1 : put + 2] if raw[put] == ord("q") else raw[put + 1 : put + 5]
+    get, forged_get = (b"h", b"h\x02") if len(index) == 1 else (b"j", b"j\x02\x00\x00\x00")
+    assert raw.count(get + index) == 1, "the id is got once, in its row"
+    return raw.replace(get + index, forged_get)
+
+
+@pytest.mark.parametrize("payload", [
+    dumps(protein_layout([torch._utils._rebuild_tensor_v2])),
+    dumps({"proteins": torch.FloatStorage, "data": []}),
+    dumps(collections.OrderedDict),
+    dumps([(torch.FloatStorage,)]),
+    dumps([((torch.FloatStorage,),)]),
+    _PERSISTENT_ID_TWICE,
+    _row_id_global(2, 1),
+    _row_id_global(400, 350),
+], ids=["in_a_list", "a_dict_value", "the_result", "in_a_tuple", "in_a_nested_tuple", "a_persistent_id_again",
+        "a_row_id", "a_row_id_in_a_run"])
+def test_a_global_neither_called_nor_a_storage_type_is_refused(files, payload):
+    # torch.load hands back the function or class itself; the reader calls
+    # nothing and has only an inert token to give.
+    forged = files.forge(payload)
+    loaded = repr(torch.load(forged, weights_only=True))
+    assert re.search(r"<(function|class|torch\.serialization\.StorageType) ", loaded), loaded
+    with pytest.raises(UnsafeFileError, match="a global that is neither called nor a storage type"):
+        TorchArchive.open(forged).load(fast_paths=False)
+    with pytest.raises(UnsafeFileError, match="a global that is neither called nor a storage type"):
+        TorchArchive.open(forged).load()
+
+
+def _mark_as_folder(raw: bytes, suffix: bytes, attributes: int) -> bytes:
+    """``raw`` with the external attributes of its members ending in ``suffix`` set to ``attributes``."""
+    raw, position = bytearray(raw), 0
+    while (position := raw.find(b"PK\x01\x02", position)) >= 0:
+        name_length = struct.unpack_from("<H", raw, position + 28)[0]
+        if raw[position + 46 : position + 46 + name_length].endswith(suffix):
+            struct.pack_into("<I", raw, position + 38, attributes)
+        position += 4
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("record", [b"/data/0", b"/.storage_alignment", b"/.data/serialization_id"])
+@pytest.mark.parametrize("attributes", [0x10, 0xF4, 0x15])
+def test_a_record_marked_as_a_folder_is_refused(files, record, attributes):
+    # miniz takes a member with the DOS directory bit for a folder and copies
+    # none of its bytes: torch.load reads uninitialized memory in their place.
+    forged = files.folder / "folder_ESM.pt"
+    forged.write_bytes(_mark_as_folder(files.protein.read_bytes(), record, attributes))
+    if record == b"/data/0":
+        assert torch.load(forged, weights_only=True)["data"][0].tolist() != [0.0, 1.0, 2.0, 3.0]
+    assert_refused(files, forged, "is marked as a folder")
+
+
+@pytest.mark.parametrize("attributes", [0x20, 0x01, 0o100644 << 16])
+def test_record_attributes_miniz_ignores_are_ignored(files, attributes):
+    # The archive bit, read-only, and Unix file modes (in the high half) leave records as they are.
+    odd = files.folder / "attributes_ESM.pt"
+    odd.write_bytes(_mark_as_folder(files.protein.read_bytes(), b"", attributes))
+    assert torch.load(odd, weights_only=True)["data"][1].tolist() == [10.0, 11.0, 12.0, 13.0]
+    assert merge_pair(files.nucleotide, odd, files.output).rows == 2

@@ -161,7 +161,7 @@ class RecordFastPaths:
         if _get_index(put_row) != first or _get_index(put_values) != first + 1:
             return None
         label_key, seq_id, values_key = (memo.get(_get_index(g)) for g in (label_get, id_get, values_get))
-        if type(label_key) is not str or type(values_key) is not str or seq_id is None:
+        if type(label_key) is not str or type(values_key) is not str or type(seq_id) is not str:
             return None
         run, end = self._float_run(match.end() - 1)
         if run is None or end + 2 > self.limit or self.data[end : end + 2] != b"eu":

@@ -195,11 +195,12 @@ def _row_block(unpickler, block: np.ndarray, header: bytes, id_at: int, id_size:
     good &= _le_ints(block, values_put) == np.arange(first + 1, first + 2 * n, 2)
     taken = n if good.all() else int(np.argmin(good))
     id_indices = _le_ints(block[:taken], id_at, id_size).tolist()
-    # An index not in the memo yet (one of these rows' own entries, or
-    # further) is left to the one-record path, which refuses or reads it.
+    # An id that is not a string (an index not in the memo yet: one of these
+    # rows' own entries, or further; a memoized global) is left to the
+    # one-record path and the opcodes, which refuse or read it.
     ids = [memo.get(index) for index in id_indices]
-    if None in ids:
-        taken = ids.index(None)
+    if {*map(type, ids)} - {str}:
+        taken = next(i for i, seq_id in enumerate(ids) if type(seq_id) is not str)
         del ids[taken:]
     label_key, values_key = keys
     offset = pos + len(header) - unpickler.base

@@ -124,11 +124,11 @@ class Unpickler(RecordFastPaths):
                 elif op == 0x85:  # TUPLE1
                     if len(stack) <= floor:
                         raise self._below_mark(pos)
-                    stack[-1] = (stack[-1],)
+                    stack[-1] = self._tuple(pos, (stack[-1],))
                 elif op == 0x74:  # TUPLE
                     first = marks.pop()
                     floor = marks[-1] if marks else 0
-                    items = tuple(stack[first:])
+                    items = self._tuple(pos, tuple(stack[first:]))
                     del stack[first:]
                     stack.append(items)
                 elif op == 0x52:  # REDUCE
@@ -171,12 +171,12 @@ class Unpickler(RecordFastPaths):
                         raise self._below_mark(pos)
                     items = stack[first:]
                     del stack[first:]
-                    self._list(pos, stack[-1]).extend(items)
+                    self._list(pos, stack[-1], items).extend(items)
                 elif op == 0x61:  # APPEND
                     if len(stack) < floor + 2:
                         raise self._below_mark(pos)
                     item = stack.pop()
-                    self._list(pos, stack[-1]).append(item)
+                    self._list(pos, stack[-1], (item,)).append(item)
                 elif op == 0x75 or op == 0x73:  # SETITEMS, SETITEM
                     if op == 0x75:
                         first = marks.pop()
@@ -201,7 +201,7 @@ class Unpickler(RecordFastPaths):
                     size = op - 0x84
                     if len(stack) < floor + size:
                         raise self._below_mark(pos)
-                    items = tuple(stack[-size:])
+                    items = self._tuple(pos, tuple(stack[-size:]))
                     del stack[-size:]
                     stack.append(items)
                 elif op == 0x94:  # MEMOIZE
@@ -246,6 +246,7 @@ class Unpickler(RecordFastPaths):
                 elif op == 0x2E:  # STOP
                     if len(stack) != 1 or marks:
                         raise self._broken(pos, "STOP with a malformed stack")
+                    self._no_loose_global(pos, stack)
                     return stack[0]
                 else:
                     raise self._refuse(pos - 1, f"opcode {bytes([op])!r}")
@@ -272,12 +273,36 @@ class Unpickler(RecordFastPaths):
             # that all hash alike) would make reading quadratic in file size.
             if type(key) is not str:
                 raise self._refuse(pos, f"a dict key of type {type(key).__name__}")
-            target[key] = value
+        self._no_loose_global(pos, items[1::2])
+        target.update(zip(items[::2], items[1::2]))
 
-    def _list(self, pos: int, target: object) -> list:
+    def _list(self, pos: int, target: object, items: list | tuple) -> list:
+        """``target``, checked to be a list that may take ``items``."""
         if type(target) is not list:
             raise self._broken(pos, f"APPEND to a {type(target).__name__}")
+        self._no_loose_global(pos, items)
         return target
+
+    def _no_loose_global(self, pos: int, items: list | tuple) -> None:
+        """Refuse ``items`` (going into a list, a dict or the result) if they hold a global.
+
+        torch's layouts use a global only where it is called (``REDUCE``) or
+        as the storage type inside a persistent id.  Anywhere else torch.load
+        hands back the function or class itself, which no feature file holds,
+        and which this machine, calling nothing, could not give.  Tuples
+        holding a tuple that holds a global are refused as they are built
+        (:meth:`_tuple`), so one level down is deep enough.
+        """
+        kinds = {*map(type, items)}
+        if Global in kinds or (tuple in kinds and any(
+                Global in {*map(type, item)} for item in items if type(item) is tuple)):
+            raise self._refuse(pos, "a global that is neither called nor a storage type")
+
+    def _tuple(self, pos: int, items: tuple) -> tuple:
+        """``items``, refused if one of them is a tuple holding a global (see :meth:`_no_loose_global`)."""
+        if tuple in {*map(type, items)}:
+            self._no_loose_global(pos, [item for item in items if type(item) is tuple])
+        return items
 
     def _global(self, pos: int, module: str, name: str) -> Global:
         allowed = ALLOWED_GLOBALS.get((module, name))

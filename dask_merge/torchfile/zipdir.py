@@ -10,6 +10,7 @@ _END64_LOCATOR = struct.Struct("<4sLQL")
 _END64 = struct.Struct("<4sQ2H2L4Q")
 _CENTRAL = struct.Struct("<4s6H3L5H2L")  # central directory file header
 _LOCAL = struct.Struct("<4s5H3L2H")  # local file header
+_DOS_DIRECTORY = 0x10  # the directory bit of a member's external attributes
 
 
 def zip_entries(buffer: bytes | memoryview) -> dict[str, tuple[int, int, int]]:
@@ -78,7 +79,7 @@ def zip_directory(read: Callable[[int, int], bytes | memoryview], size: int
     position = 0
     for _ in range(count):
         (signature, _, _, flags, method, _, _, _, compressed, plain, name_length, extra_length,
-         comment_length, member_disk, _, _, local) = _CENTRAL.unpack_from(directory, position)
+         comment_length, member_disk, _, attributes, local) = _CENTRAL.unpack_from(directory, position)
         if signature != b"PK\x01\x02":
             raise ValueError(f"a broken central directory entry at byte {offset + position}")
         # Flags beyond a data descriptor, UTF-8 names and deflate options (encryption,
@@ -87,6 +88,11 @@ def zip_directory(read: Callable[[int, int], bytes | memoryview], size: int
             raise ValueError(f"a member on disk {member_disk} or encrypted (flags {flags:#x})")
         name_start = position + _CENTRAL.size
         name = str(directory[name_start : name_start + name_length], "utf-8")
+        # miniz takes a member whose name ends in "/" or whose DOS attributes
+        # have the directory bit for a folder, and "reads" it without copying
+        # a byte: torch.load then gets uninitialized memory for the record.
+        if attributes & _DOS_DIRECTORY or name.endswith("/"):
+            raise ValueError(f"member {name!r} is marked as a folder (attributes {attributes:#x})")
         if 0xFFFFFFFF in (compressed, plain, local):
             plain, compressed, local = _zip64_extra(
                 directory[name_start + name_length : name_start + name_length + extra_length],
