@@ -271,23 +271,22 @@ def plan(
 def _no_pairs(nucleotide_dir: str, protein_dir: str, nucleotide_suffix: str,
               protein_suffix: str) -> str:
     """Why no pair was found, with what each folder holds instead."""
-    def holds(folder: str) -> str:
-        counts = {suffix: sum(1 for name in os.listdir(folder) if name.endswith(suffix)
-                              and not name.startswith("."))
-                  for suffix in (nucleotide_suffix, protein_suffix, MERGED_SUFFIX)}
-        return f"{folder} holds " + ", ".join(f"{n} STEM{suffix}" for suffix, n in counts.items())
-
-    where = [holds(nucleotide_dir)] + ([holds(protein_dir)] if protein_dir != nucleotide_dir else [])
-    hint = ""
-    if (protein_dir != nucleotide_dir and not _has(nucleotide_dir, nucleotide_suffix)
-            and _has(nucleotide_dir, protein_suffix) and _has(protein_dir, nucleotide_suffix)):
-        hint = "; were --nucleotide-dir and --protein-dir swapped?"
+    suffixes = (nucleotide_suffix, protein_suffix, MERGED_SUFFIX)
+    folders = dict.fromkeys((nucleotide_dir, protein_dir))  # one listing each, in this order
+    counts = {folder: _suffix_counts(folder, suffixes) for folder in folders}
+    where = [f"{folder} holds " + ", ".join(f"{n} STEM{suffix}" for suffix, n in found.items())
+             for folder, found in counts.items()]
+    swapped = (protein_dir != nucleotide_dir and not counts[nucleotide_dir][nucleotide_suffix]
+               and counts[nucleotide_dir][protein_suffix] and counts[protein_dir][nucleotide_suffix])
+    hint = "; were --nucleotide-dir and --protein-dir swapped?" if swapped else ""
     return (f"no pairs found: no STEM{nucleotide_suffix} in {nucleotide_dir} has a "
             f"STEM{protein_suffix} partner in {protein_dir} ({'; '.join(where)}){hint}")
 
 
-def _has(folder: str, suffix: str) -> bool:
-    return any(n.endswith(suffix) and not n.startswith(".") for n in os.listdir(folder))
+def _suffix_counts(folder: str, suffixes: tuple[str, ...]) -> dict[str, int]:
+    """How many visible files of ``folder`` end in each suffix."""
+    names = [name for name in os.listdir(folder) if not name.startswith(".")]
+    return {suffix: sum(name.endswith(suffix) for name in names) for suffix in suffixes}
 
 
 def plan_pairs(
