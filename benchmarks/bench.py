@@ -538,28 +538,36 @@ class Variant(NamedTuple):
     partition_size: int | None = None  # None: the engine's own
     warm: bool = False  # a second run in one interpreter: the fork server is up
     command: bool = False  # the dask-merge command, from start to exit
+    code: str | None = None  # a checkout whose dask_merge runs it (a baseline)
 
 
 def bench_engine(name: str, folder: Path, variants: list[Variant], repeat: int, *,
-                 in_ram: tuple[str, ...] = (), out: Path | None = None) -> dict:
+                 in_ram: tuple[str, ...] = (), out: Path | None = None,
+                 baseline: str | None = None) -> dict:
     """Run each variant ``repeat`` times, its outputs in ``out`` (default: beside the inputs).
 
     The variants labelled in ``in_ram`` run once more with their outputs on
-    tmpfs, as "LABEL, outputs in RAM": no disk flush to share.
+    tmpfs, as "LABEL, outputs in RAM": no disk flush to share.  With a
+    ``baseline`` checkout, every variant also runs from it, interleaved, as
+    "LABEL [baseline]".
     """
     plan = [(v, out or folder.parent / "out") for v in variants]
     plan += [(v._replace(label=f"{v.label}, outputs in RAM"), RAM_OUT)
              for v in variants if v.label in in_ram and RAM_OUT.parent.is_dir()]
+    if baseline:
+        plan += [(v._replace(label=f"{v.label} [baseline]", code=baseline), where)
+                 for v, where in plan]
     runs: dict[str, list[dict]] = {}
     try:
         for i in range(repeat):
             for v, where in in_turn(plan, i):
                 where.mkdir(parents=True, exist_ok=True)
                 if v.command:
-                    result = run_child("command", str(folder), str(where), v.scheduler, v.workers)
+                    result = run_child("command", str(folder), str(where), v.scheduler, v.workers,
+                                       code=v.code)
                 else:
                     result = run_child("engine", str(folder), str(where), v.scheduler, v.workers,
-                                       v.partition_size, v.warm)
+                                       v.partition_size, v.warm, code=v.code)
                 runs.setdefault(v.label, []).append(result)
                 _log(f"{name} {i + 1}/{repeat} {v.label:24s} {result['seconds']:7.3f} s  "
                      f"({result['pairs']} pairs, {result['tasks']} tasks; "
@@ -569,17 +577,17 @@ def bench_engine(name: str, folder: Path, variants: list[Variant], repeat: int, 
     return runs
 
 
-def bench_scaling(repeat: int, pairs: int) -> dict:
+def bench_scaling(repeat: int, pairs: int, baseline: str | None = None) -> dict:
     folder = scaling_set(pairs)
     variants = [Variant("processes, 1 worker", "processes", 1),
                 Variant("processes, 2 workers", "processes", 2)]
     # In RAM too: 16 big pairs write 2 GB of fsynced outputs.
     runs = bench_engine("scaling", folder, variants, repeat,
-                        in_ram=tuple(v.label for v in variants))
+                        in_ram=tuple(v.label for v in variants), baseline=baseline)
     return {"pairs": pairs, "runs": runs}
 
 
-def bench_overhead(repeat: int, pairs: int) -> dict:
+def bench_overhead(repeat: int, pairs: int, baseline: str | None = None) -> dict:
     folder = tiny_set(pairs)
     variants = [
         Variant("sync", "sync", 1),
@@ -594,7 +602,7 @@ def bench_overhead(repeat: int, pairs: int) -> dict:
     # In RAM too: what is the scheduler's cost, and what the disk's?
     runs = bench_engine("overhead", folder, variants, repeat,
                         in_ram=("sync", "processes, 2w, auto", "processes, 2w, auto, warm",
-                                "command: sync", "command: processes, 2w"))
+                                "command: sync", "command: processes, 2w"), baseline=baseline)
     return {"pairs": pairs, "runs": runs}
 
 
@@ -918,7 +926,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: C901 - one step per pa
     parser.add_argument("--plot", type=Path, metavar="PNG",
                         help="with --pool: also plot each repetition's ratio against the goal")
     parser.add_argument("--baseline", metavar="CHECKOUT",
-                        help="machine part: also run merge_pair from this checkout (e.g. a git worktree of main)")
+                        help="machine, scaling and overhead parts: also run from this checkout "
+                             "(e.g. a `git archive` of an older commit), interleaved")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.pool:
@@ -962,9 +971,9 @@ def main(argv: list[str] | None = None) -> None:  # noqa: C901 - one step per pa
     if "kernel" in parts:
         results["kernel"] = bench_kernel(repeat)
     if "scaling" in parts:
-        results["scaling"] = bench_scaling(repeat, scaling_pairs)
+        results["scaling"] = bench_scaling(repeat, scaling_pairs, args.baseline)
     if "overhead" in parts:
-        results["overhead"] = bench_overhead(repeat, tiny_pairs)
+        results["overhead"] = bench_overhead(repeat, tiny_pairs, args.baseline)
     if "mixed" in parts:
         results["mixed"] = bench_mixed(repeat, mixed_sets, args.fixed)
     if "rerun" in parts:
