@@ -28,6 +28,7 @@ import struct
 import time
 import tracemalloc
 import types
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -550,3 +551,22 @@ def test_a_container_holding_itself_is_read_as_torch_reads_it(tmp_path, payload,
                                   "2000-59870"])
 def test_cases_the_campaigns_found(tmp_path, case):
     assert check_generated_file(random.Random(case), tmp_path, {"ok": 0, "refused": 0}) is None
+
+
+def test_a_bare_storage_is_read_as_torch_reads_it(tmp_path):
+    # torch.load gives a TypedStorage, the reader a StorageRef: the comparison
+    # must take both for the same values, and tell different values apart.
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # TypedStorage is deprecated, not gone
+        torch.save({"s": torch.tensor([1.5, -0.0, float("nan")]).storage()}, buffer)
+    raw, path = buffer.getvalue(), tmp_path / "storage.pt"
+    tally = {"ok": 0, "refused": 0}
+    assert check_file(raw, path, tally) is None
+    assert tally == {"ok": 1, "refused": 0}
+    status, plain = reader_outcome(raw, path)
+    assert status == "ok" and plain[1][0][1][0] == "storage"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        positive_zero = plain_torch({"s": torch.tensor([1.5, 0.0, float("nan")]).storage()})
+    assert positive_zero != plain  # -0.0 and 0.0 differ by their bits

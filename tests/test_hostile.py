@@ -662,3 +662,53 @@ def test_record_attributes_miniz_ignores_are_ignored(files, attributes):
     odd.write_bytes(_mark_as_folder(files.protein.read_bytes(), b"", attributes))
     assert torch.load(odd, weights_only=True)["data"][1].tolist() == [10.0, 11.0, 12.0, 13.0]
     assert merge_pair(files.nucleotide, odd, files.output).rows == 2
+
+
+def _central_entries(raw: bytes):
+    """The offsets of ``raw``'s central directory entries, in order."""
+    position = 0
+    while (position := raw.find(b"PK\x01\x02", position)) >= 0:
+        yield position
+        position += 4
+
+
+def _with_central_flags(raw: bytes, flags: int) -> bytes:
+    """``raw`` with the general purpose flags of every central directory entry set to ``flags``."""
+    raw = bytearray(raw)
+    for position in _central_entries(bytes(raw)):
+        struct.pack_into("<H", raw, position + 8, flags)
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("flags, refused", [
+    (0x0001, True),   # encrypted
+    (0x0020, True),   # patched data
+    (0x0040, True),   # strong encryption
+    (0x2000, True),   # masked local headers
+    (0x0008, False),  # sizes in a data descriptor (the central directory has them too)
+    (0x0800, False),  # UTF-8 names
+    (0x0006, False),  # deflate options, meaningless for stored records
+])
+def test_zip_flags_miniz_refuses_are_refused_and_the_rest_read(files, flags, refused):
+    odd = files.folder / "flags_ESM.pt"
+    odd.write_bytes(_with_central_flags(files.protein.read_bytes(), flags))
+    if refused:
+        with pytest.raises(Exception):  # noqa: B017 - miniz's message varies by flag
+            torch.load(odd, weights_only=True)
+        assert_refused(files, odd, f"flags {flags:#x}")
+    else:
+        assert torch.load(odd, weights_only=True)["data"][1].tolist() == [10.0, 11.0, 12.0, 13.0]
+        assert merge_pair(files.nucleotide, odd, files.output).rows == 2
+
+
+def test_a_central_entry_running_past_the_directory_is_refused(files):
+    # The last entry's extra field claims bytes beyond the directory's declared
+    # size (into the end-of-directory record): miniz refuses the archive.
+    raw = bytearray(files.protein.read_bytes())
+    last = list(_central_entries(bytes(raw)))[-1]
+    struct.pack_into("<H", raw, last + 30, 16)
+    odd = files.folder / "overrun_ESM.pt"
+    odd.write_bytes(bytes(raw))
+    with pytest.raises(Exception):  # noqa: B017
+        torch.load(odd, weights_only=True)
+    assert_refused(files, odd, "run past its size")
