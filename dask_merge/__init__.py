@@ -15,11 +15,12 @@ import importlib as _importlib
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from .api import Plan, plan, plan_pairs, run
+from .checkpoints import Checkpoint, checkpoint_state
 from .errors import (
     ConfigurationError, FileFormatError, MergeError, MispairedError, OutputError, UnsafeFileError,
 )
 from .merge import MergeResult, merge_pair
-from .pairs import Checkpoint, FoundPairs, Pair, checkpoint_state, find_pairs
+from .pairs import FoundPairs, Pair, find_pairs
 from .report import Report
 from .tasks import Record
 

@@ -29,13 +29,12 @@ from typing import TYPE_CHECKING
 from .atomic import remove_stale_temporaries
 from .errors import ConfigurationError
 from .executors import Executor, get_executor
-from .layouts import MERGED_SUFFIX, NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX, label_value
+from .layouts import NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX, label_value
 from .merge import check_max_dropped
-from .pairs import (
-    RECORD_FOLDER, Checkpoint, Pair, build_pairs, find_pairs, labelled_checkpoint_state,
-)
+from .checkpoints import RECORD_FOLDER, Checkpoint, labelled_checkpoint_state
+from .pairs import Pair, build_pairs, find_pairs, no_pairs_message
 from .report import Report, _html, _html_table
-from .sources import ProteinSpec, is_h5
+from .sources import ProteinSpec
 from .tasks import Record
 
 if TYPE_CHECKING:
@@ -259,34 +258,9 @@ def plan(
         raise ConfigurationError(str(err)) from None
     output_dir = os.fspath(output_dir if output_dir is not None else nucleotide_dir)
     if not found.pairs:
-        if protein_dir is not None and is_h5(protein_dir):
-            raise ConfigurationError(f"no pairs found: no STEM{nucleotide_suffix} in "
-                                     f"{os.fspath(nucleotide_dir)}")
-        raise ConfigurationError(_no_pairs(os.fspath(nucleotide_dir),
-                                           os.fspath(protein_dir or nucleotide_dir),
-                                           nucleotide_suffix, protein_suffix))
+        raise ConfigurationError(no_pairs_message(nucleotide_dir, protein_dir,
+                                                  nucleotide_suffix, protein_suffix))
     return _plan(found.pairs, found.unpaired, output_dir, labels, force, max_dropped)
-
-
-def _no_pairs(nucleotide_dir: str, protein_dir: str, nucleotide_suffix: str,
-              protein_suffix: str) -> str:
-    """Why no pair was found, with what each folder holds instead."""
-    suffixes = (nucleotide_suffix, protein_suffix, MERGED_SUFFIX)
-    folders = dict.fromkeys((nucleotide_dir, protein_dir))  # one listing each, in this order
-    counts = {folder: _suffix_counts(folder, suffixes) for folder in folders}
-    where = [f"{folder} holds " + ", ".join(f"{n} STEM{suffix}" for suffix, n in found.items())
-             for folder, found in counts.items()]
-    swapped = (protein_dir != nucleotide_dir and not counts[nucleotide_dir][nucleotide_suffix]
-               and counts[nucleotide_dir][protein_suffix] and counts[protein_dir][nucleotide_suffix])
-    hint = "; were --nucleotide-dir and --protein-dir swapped?" if swapped else ""
-    return (f"no pairs found: no STEM{nucleotide_suffix} in {nucleotide_dir} has a "
-            f"STEM{protein_suffix} partner in {protein_dir} ({'; '.join(where)}){hint}")
-
-
-def _suffix_counts(folder: str, suffixes: tuple[str, ...]) -> dict[str, int]:
-    """How many visible files of ``folder`` end in each suffix."""
-    names = [name for name in os.listdir(folder) if not name.startswith(".")]
-    return {suffix: sum(name.endswith(suffix) for name in names) for suffix in suffixes}
 
 
 def plan_pairs(

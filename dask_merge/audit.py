@@ -28,7 +28,8 @@ import numpy as np
 from .errors import MergeError
 from .header import FLOAT32, MergedHeader, read_merged_header, read_rows
 from .merge import Join, join_pair
-from .pairs import Pair, checkpoint_state
+from .checkpoints import checkpoint_state
+from .pairs import Pair
 
 STANDARD_WIDTHS = (768, 2560)  # DNABERT-S, ESM-2 3B
 HALVES = ("nucleotide", "protein")

@@ -31,7 +31,7 @@ from .executors.graph import LOCAL_SCHEDULERS, progress_bar
 from .executors.pool import _start_pool
 from .executors.progress import show_progress
 from .layouts import MERGED_SUFFIX
-from .pairs import _natural_key, _stems, find_pairs
+from .pairs import files_by_stem, find_pairs, natural_key
 from .partition import partition
 from .report import _html, _html_table
 
@@ -257,7 +257,7 @@ def _files(output_dir: str, nucleotide_dir, protein_dir) -> tuple[list[tuple], l
     given or not found), and the outputs the inputs should have made but that are missing."""
     if not os.path.isdir(output_dir):
         raise ConfigurationError(f"output folder {output_dir} does not exist")
-    outputs = _stems(output_dir, MERGED_SUFFIX)
+    outputs = files_by_stem(output_dir, MERGED_SUFFIX)
     if not outputs:
         raise ConfigurationError(f"no STEM{MERGED_SUFFIX} files in {output_dir}")
     pairs = {}
@@ -267,7 +267,7 @@ def _files(output_dir: str, nucleotide_dir, protein_dir) -> tuple[list[tuple], l
         except (ValueError, FileNotFoundError) as err:
             raise ConfigurationError(str(err)) from None
     files = [(outputs[stem], *(pairs[stem][1:3] if stem in pairs else (None, None)))
-             for stem in sorted(outputs, key=_natural_key)]
+             for stem in sorted(outputs, key=natural_key)]
     missing = [p.output for stem, p in pairs.items() if stem not in outputs]
     return files, missing
 

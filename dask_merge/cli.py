@@ -198,11 +198,11 @@ def _protein_side(options: dict):
     """
     if not options["protein_h5"]:
         return options["protein_dir"]
-    from .pairs import _natural_key
+    from .pairs import natural_key
 
     files = []
     for given in options["protein_h5"]:
-        matches = [] if os.path.exists(given) else sorted(glob.glob(given), key=_natural_key)
+        matches = [] if os.path.exists(given) else sorted(glob.glob(given), key=natural_key)
         files.extend(matches or [given])
     return files
 

@@ -25,7 +25,7 @@ from .audit import nucleotide_width_of
 from .errors import FileFormatError
 from .layouts import MERGED_SUFFIX
 from .header import FLOAT32, MergedHeader, read_merged_header, read_rows
-from .pairs import _natural_key, _stems
+from .pairs import files_by_stem, natural_key
 
 TASK_NAME = "merged-rows"  # what the chunks' tasks are called on the dashboard
 
@@ -139,8 +139,8 @@ def _paths(source) -> list[str]:
         folder = os.fspath(source)
         if not os.path.isdir(folder):
             raise FileFormatError(f"{folder}: not a folder of merged files")
-        stems = _stems(folder, MERGED_SUFFIX)
-        paths = [stems[s] for s in sorted(stems, key=_natural_key)]
+        stems = files_by_stem(folder, MERGED_SUFFIX)
+        paths = [stems[s] for s in sorted(stems, key=natural_key)]
         where = folder
     else:
         paths, where = [os.fspath(p) for p in source], "the files given"

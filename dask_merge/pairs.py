@@ -1,12 +1,12 @@
-"""Planning: which file pairs there are, where their outputs go, which are done.
+"""Pairs: which file pairs there are and where their outputs go.
 
 Everything here is cheap and runs on the client before any work is scheduled:
-it lists folders and stats files, and never opens a tensor.
+it lists folders and stats files, and never opens a tensor.  Which pairs are
+already done is :mod:`dask_merge.checkpoints`' part.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import stat
@@ -14,14 +14,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from .atomic import atomic_write, is_temporary
+from .atomic import is_temporary
 from .errors import ConfigurationError
-from .layouts import MERGED_SUFFIX, NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX, label_value
+from .layouts import MERGED_SUFFIX, NUCLEOTIDE_SUFFIX, PROTEIN_SUFFIX
 from .sources import ProteinSpec, is_h5, spec_paths
-
-RECORD_FOLDER = ".dask-merge"
-"""Where, inside the output folder, the checkpoint records live (one JSON per output)."""
-
 
 class Pair(NamedTuple):
     """One unit of work: two inputs and the output they make.
@@ -50,14 +46,20 @@ class FoundPairs:
         return len(self.pairs)
 
 
-def _natural_key(name: str) -> list:
-    # output_2 before output_10, as a person would sort them.  The split puts
+def natural_key(name: str) -> list:
+    """A sort key that puts ``output_2`` before ``output_10``, as a person would.
+
+    >>> sorted(["output_10", "output_2"], key=natural_key)
+    ['output_2', 'output_10']
+    """
+    # The split puts
     # the digit runs at odd positions (str.isdigit() also accepts '²', which
     # int() refuses): ints and strs then alternate and always compare.
     return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name))]
 
 
-def _stems(folder: str, suffix: str) -> dict[str, str]:
+def files_by_stem(folder: str, suffix: str) -> dict[str, str]:
+    """The visible regular files of ``folder`` ending in ``suffix``, by what comes before it."""
     return {
         entry.name[: -len(suffix)]: entry.path
         for entry in os.scandir(folder)
@@ -113,9 +115,9 @@ def find_pairs(
         if not os.path.isdir(folder):
             what = "is not a folder" if os.path.exists(folder) else "does not exist"
             raise FileNotFoundError(f"input folder {folder} {what}")
-    nucleotides = _stems(nucleotide_dir, nucleotide_suffix)
-    proteins = _stems(protein_dir, protein_suffix)
-    stems = sorted(nucleotides.keys() & proteins.keys(), key=_natural_key)
+    nucleotides = files_by_stem(nucleotide_dir, nucleotide_suffix)
+    proteins = files_by_stem(protein_dir, protein_suffix)
+    stems = sorted(nucleotides.keys() & proteins.keys(), key=natural_key)
     pairs = build_pairs(
         [(nucleotides[stem], proteins[stem], os.path.join(output_dir, stem + MERGED_SUFFIX))
          for stem in stems]) if stems else []
@@ -140,10 +142,10 @@ def _pairs_with_h5(nucleotide_dir: str, h5_files: tuple[str, ...],
         if not os.path.isfile(path):
             what = "is not a file" if os.path.exists(path) else "does not exist"
             raise FileNotFoundError(f"HDF5 file {path} {what}")
-    nucleotides = _stems(nucleotide_dir, nucleotide_suffix)
+    nucleotides = files_by_stem(nucleotide_dir, nucleotide_suffix)
     return FoundPairs([Pair(stem, nucleotides[stem], h5_files,
                             os.path.join(output_dir, stem + MERGED_SUFFIX))
-                       for stem in sorted(nucleotides, key=_natural_key)], [])
+                       for stem in sorted(nucleotides, key=natural_key)], [])
 
 
 def _check_suffixes(nucleotide_suffix: str, protein_suffix: str) -> None:
@@ -278,137 +280,26 @@ def _paths(pair: Pair) -> str:
     return f"({pair.nucleotide}, {pair.protein})"
 
 
-# --- checkpoints ------------------------------------------------------------------
+def no_pairs_message(nucleotide_dir: str | os.PathLike[str], protein_dir: ProteinSpec | None,
+                     nucleotide_suffix: str, protein_suffix: str) -> str:
+    """Why :func:`find_pairs` found no pair, with what each folder holds instead."""
+    nucleotide_dir = os.fspath(nucleotide_dir)
+    if protein_dir is not None and is_h5(protein_dir):
+        return f"no pairs found: no STEM{nucleotide_suffix} in {nucleotide_dir}"
+    protein_dir = os.fspath(protein_dir or nucleotide_dir)
+    suffixes = (nucleotide_suffix, protein_suffix, MERGED_SUFFIX)
+    folders = dict.fromkeys((nucleotide_dir, protein_dir))  # one listing each, in this order
+    counts = {folder: _suffix_counts(folder, suffixes) for folder in folders}
+    where = [f"{folder} holds " + ", ".join(f"{n} STEM{suffix}" for suffix, n in found.items())
+             for folder, found in counts.items()]
+    swapped = (protein_dir != nucleotide_dir and not counts[nucleotide_dir][nucleotide_suffix]
+               and counts[nucleotide_dir][protein_suffix] and counts[protein_dir][nucleotide_suffix])
+    hint = "; were --nucleotide-dir and --protein-dir swapped?" if swapped else ""
+    return (f"no pairs found: no STEM{nucleotide_suffix} in {nucleotide_dir} has a "
+            f"STEM{protein_suffix} partner in {protein_dir} ({'; '.join(where)}){hint}")
 
 
-def fingerprint(path: str | os.PathLike[str] | os.stat_result) -> dict[str, int]:
-    """What identifies a file's content without reading it: size and mtime_ns.
-
-    Of a path, or of what ``os.stat`` already said about one.
-    """
-    found = path if isinstance(path, os.stat_result) else os.stat(path)
-    return {"size": found.st_size, "mtime_ns": found.st_mtime_ns}
-
-
-def input_fingerprints(pair: Pair) -> dict[str, dict]:
-    """Fingerprints of a pair's inputs; take them *before* merging.
-
-    HDF5 files on the protein side are fingerprinted each, so that a
-    regenerated ``embeddings.h5`` makes every pair pending again.
-
-    Raises ``OSError`` naming the file when an input has gone.
-    """
-    if isinstance(pair.protein, str):
-        protein = fingerprint(pair.protein)
-    else:
-        protein = {"files": [fingerprint(path) for path in pair.protein]}
-    return {"nucleotide": fingerprint(pair.nucleotide), "protein": protein}
-
-
-def record_path(output: str) -> str:
-    """The checkpoint record of an output file."""
-    folder, name = os.path.split(output)
-    return os.path.join(folder, RECORD_FOLDER, name + ".json")
-
-
-def write_checkpoint(
-    pair: Pair, inputs: dict[str, dict[str, int]], *, labels: list[int] | None, rows: int
-) -> None:
-    """Record, beside a freshly written output, what it was made from.
-
-    The record is written atomically but not fsynced: a power cut that loses
-    or truncates it leaves the (fsynced) output without a readable record,
-    which counts as done, as an output made elsewhere does.  That saves one
-    of the two disk flushes per pair, which dominate small merges.
-    """
-    record = {
-        "inputs": {side: {"path": getattr(pair, side), **fp} for side, fp in inputs.items()},
-        "labels": labels,
-        "output": fingerprint(pair.output),
-        "rows": rows,
-    }
-    path = record_path(pair.output)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write(path, lambda f: f.write(json.dumps(record, indent=1).encode()), durable=False)
-
-
-def _read_record(path: str) -> object:
-    """The JSON in ``path``, or None if it is not a readable regular file of JSON."""
-    try:
-        # Non-blocking: a FIFO planted as a record would block its open forever.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        with open(fd, "rb", closefd=False) as f:
-            return json.load(f)
-    except (OSError, ValueError, RecursionError):  # RecursionError: [[[[...]]]]
-        return None
-    finally:
-        os.close(fd)
-
-
-class Checkpoint(NamedTuple):
-    """Whether a pair's output is done, and why."""
-
-    done: bool
-    reason: str
-
-
-def checkpoint_state(pair: Pair, *, label: str | int | None = None, force: bool = False,
-                     labels: list[int] | None = None) -> Checkpoint:
-    """Decide from file metadata alone whether ``pair`` needs merging.
-
-    Done when the output exists and its record says it was made from the
-    inputs as they are now (and with the same ``label``: ``"viral"``,
-    ``"host"``, an int or None, as :func:`~dask_merge.plan` takes it).  An
-    output without a record, e.g. one that upstream wrote, counts as done too.
-    ``labels`` is refused with a message that says what to pass instead.
-
-    >>> checkpoint_state(Pair("a", "a_DNABERT_S.pt", "a_ESM.pt", "nowhere/a_merged.pt"))
-    Checkpoint(done=False, reason='no output yet')
-    >>> checkpoint_state(Pair("a", "n", "p", "o"), labels=[1])
-    Traceback (most recent call last):
-    TypeError: checkpoint_state takes label='viral', 'host', an int or None, not labels=[1] (pass label=1)
-    """
-    if labels is not None:
-        instead = (f" (pass label={labels[0]!r})" if type(labels) is list and len(labels) == 1
-                   else "")
-        raise TypeError("checkpoint_state takes label='viral', 'host', an int or None, not "
-                        f"labels={labels!r}{instead}")
-    return labelled_checkpoint_state(pair, label_value(label), force=force)
-
-
-def labelled_checkpoint_state(pair: Pair, labels: list[int] | None, *, force: bool = False
-                              ) -> Checkpoint:
-    """:func:`checkpoint_state` with the label as stored: ``label_value(label)``."""
-    if force:
-        return Checkpoint(False, "forced")
-    try:
-        found = os.stat(pair.output)
-    except FileNotFoundError:
-        return Checkpoint(False, "no output yet")
-    except OSError as err:  # a symlink loop, no permission: the merge will replace it or say why
-        return Checkpoint(False, f"no output yet (unreadable: {err.strerror})")
-    if not stat.S_ISREG(found.st_mode):  # a folder or FIFO is no output
-        return Checkpoint(False, "no output yet (not a file under its name)")
-    output = fingerprint(found)
-    record = _read_record(record_path(pair.output))
-    if type(record) is not dict:  # missing, unreadable, or valid JSON but not a record
-        return Checkpoint(True, "output exists (no record: made elsewhere)")
-    if record.get("output") != output:
-        return Checkpoint(True, "output exists (replaced since its record)")
-    try:
-        now = input_fingerprints(pair)
-    except OSError as err:
-        return Checkpoint(False, f"input unreadable: {err}")
-    recorded = record.get("inputs")
-    for side in ("nucleotide", "protein"):
-        then = recorded.get(side) if type(recorded) is dict else None
-        if type(then) is not dict or {k: then.get(k) for k in now[side]} != now[side]:
-            return Checkpoint(False, f"{side} input changed since the merge")
-    if record.get("labels") != labels:
-        return Checkpoint(False, f"label changed ({record.get('labels')} -> {labels})")
-    return Checkpoint(True, "up to date")
+def _suffix_counts(folder: str, suffixes: tuple[str, ...]) -> dict[str, int]:
+    """How many visible files of ``folder`` end in each suffix."""
+    names = [name for name in os.listdir(folder) if not name.startswith(".")]
+    return {suffix: sum(name.endswith(suffix) for name in names) for suffix in suffixes}

@@ -20,7 +20,8 @@ from typing import Literal
 from .errors import MergeError
 from .atomic import grouped_folder_syncs
 from .merge import merge_pair
-from .pairs import Pair, input_fingerprints, write_checkpoint
+from .checkpoints import input_fingerprints, write_checkpoint
+from .pairs import Pair
 from .torchfile import keep_read_buffers, reused_read_buffers
 
 

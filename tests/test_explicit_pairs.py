@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import dask_merge
 from dask_merge import ConfigurationError, Pair, plan_pairs
 from dask_merge.cli import main
-from dask_merge.pairs import record_path
+from dask_merge.checkpoints import record_path
 from dask_merge.testing import make_pair, reference_merge
 
 

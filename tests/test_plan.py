@@ -13,7 +13,7 @@ from dask_merge import Checkpoint, Pair, checkpoint_state, find_pairs, merge_pai
 from dask_merge import atomic, layouts
 from dask_merge.torchfile import TorchArchive
 from dask_merge.layouts import label_value
-from dask_merge.pairs import RECORD_FOLDER, input_fingerprints, record_path, write_checkpoint
+from dask_merge.checkpoints import RECORD_FOLDER, input_fingerprints, record_path, write_checkpoint
 from dask_merge.testing import make_pair
 
 

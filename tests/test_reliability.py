@@ -45,7 +45,7 @@ import torch
 
 import dask_merge
 from dask_merge.atomic import is_temporary
-from dask_merge.pairs import RECORD_FOLDER, checkpoint_state
+from dask_merge.checkpoints import RECORD_FOLDER, checkpoint_state
 from dask_merge.testing import make_dataset, make_pair, reference_merge
 
 DISTINCT = 4  # distinct real-size pairs (2000 rows at DNABERT-S / ESM-2 3B widths)
