@@ -919,6 +919,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: C901 - one step per pa
     parser.add_argument("--tiny-pairs", type=int, help="tiny pairs for overhead (default 2000)")
     parser.add_argument("--fixed", type=int, nargs="*", default=[8, 26],
                         help="fixed pairs per task the mixed sets also run with (default 8 26)")
+    parser.add_argument("--mixed", action="append", metavar="TINYxBIG",
+                        help="mixed set(s) to run, e.g. 1000x40 (default 200x8 and 1000x40; quick 200x8)")
     parser.add_argument("--rerun-pairs", type=int, help="checkpointed pairs for rerun (default 20000)")
     parser.add_argument("--profile", action="store_true", help="cProfile merge_pair on the big pair")
     parser.add_argument("--pool", nargs="+", type=Path, metavar="RESULT",
@@ -948,6 +950,8 @@ def main(argv: list[str] | None = None) -> None:  # noqa: C901 - one step per pa
     repeat = args.repeat or (2 if args.quick else 5)
     parts = args.only or PARTS
     mixed_sets = MIXED_SETS[:1] if args.quick else MIXED_SETS
+    if args.mixed:
+        mixed_sets = [tuple(map(int, spec.lower().split("x"))) for spec in args.mixed]
     rerun_pairs = args.rerun_pairs or (2000 if args.quick else 20_000)
     scaling_pairs = args.scaling_pairs or (4 if args.quick else 16)
     tiny_pairs = args.tiny_pairs or (200 if args.quick else 2000)
