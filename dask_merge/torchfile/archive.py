@@ -8,6 +8,7 @@ import stat
 import struct
 from collections.abc import Callable
 from itertools import repeat
+from operator import add
 
 import numpy as np
 
@@ -231,6 +232,9 @@ def archive_records(entries: dict[str, tuple[int, int, int]], size: int,
     prefix = first[: first.find("/") + 1]
     if not prefix:
         raise fail(f"its first record {short_repr(first)} is not in a folder; not a torch archive")
+    records = _plain_records(entries, prefix, size)
+    if records is not None:
+        return records
     records = {}
     for name, (method, start, length) in entries.items():
         if not name.startswith(prefix):
@@ -241,6 +245,19 @@ def archive_records(entries: dict[str, tuple[int, int, int]], size: int,
             raise fail(f"record {name!r} runs past the end of the file (truncated?)")
         records[name[len(prefix) :]] = start, length
     return records
+
+
+def _plain_records(entries: dict[str, tuple[int, int, int]], prefix: str, size: int
+                   ) -> dict[str, tuple[int, int]] | None:
+    """What :func:`archive_records` makes of ``entries`` if none is at fault, at C speed; else None."""
+    if not entries:
+        return None
+    methods, starts, lengths = zip(*entries.values())
+    if any(methods) or max(map(add, starts, lengths)) > size or not all(
+            map(str.startswith, entries, repeat(prefix))):
+        return None
+    cut = len(prefix)
+    return dict(zip([name[cut:] for name in entries], zip(starts, lengths)))
 
 
 def _special_kind(mode: int) -> str | None:

@@ -1,0 +1,99 @@
+"""The reader's and merger's bulk paths against their one-by-one paths.
+
+Each bulk path takes the common case (every entry of a zip directory plain,
+every id a plain string, rows in file order or shuffled) at numpy or C speed
+and hands anything else to the one-by-one code it stands for.  These tests
+damage real files and assert that switching a bulk path off never changes
+an outcome: the same result, or the same error word for word.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dask_merge.errors import FileFormatError
+from dask_merge.testing import make_pair
+from dask_merge.torchfile import TorchArchive, archive, write_archive, zipdir
+
+# --- the zip directory (torchfile.zipdir, torchfile.archive) ----------------------------------
+
+
+def _zip_outcome(raw: bytes, *, bulk: bool) -> tuple:
+    """zip_entries, zip_directory and TorchArchive's records of ``raw``, or their errors."""
+    outcomes = []
+    with pytest.MonkeyPatch.context() as patch:
+        if not bulk:
+            patch.setattr(zipdir, "_plain_directory", lambda *args: None)
+            patch.setattr(zipdir, "_data_starts", lambda *args: None)
+            patch.setattr(archive, "_plain_records", lambda *args: None)
+        for read in (lambda: zipdir.zip_entries(raw),
+                     lambda: zipdir.zip_directory(lambda start, size: raw[start : start + size], len(raw)),
+                     lambda: TorchArchive(raw, "damaged.pt")._records):
+            try:
+                found = read()
+                outcomes.append(("ok", list(found.items()) if type(found) is dict else found))
+            except (ValueError, struct.error, FileFormatError) as err:
+                outcomes.append((type(err), str(err)))
+    return tuple(outcomes)
+
+
+class _Files(dict):
+    """Files by name, shown by their names alone in hypothesis' reports."""
+
+    def __repr__(self) -> str:
+        return f"<files {list(self)}>"
+
+
+@pytest.fixture(scope="module")
+def zip_archives(tmp_path_factory) -> dict[str, bytes]:
+    """A 40-row ESM file as torch.save writes it, and archives zipfile makes with odd members."""
+    pair = make_pair(tmp_path_factory.mktemp("zip"), "p", rows=40, nucleotide_width=3, protein_width=5)
+    found = _Files(esm=open(pair.protein, "rb").read())
+    buffer = io.BytesIO()
+    write_archive(buffer, {"ids": ["a", "b"], "data": [np.full(3, 0.5, np.float32)] * 2})
+    with zipfile.ZipFile(buffer, "a") as z:
+        z.writestr("archive/ünï\0cöde", b"x")  # a NUL: the names' separator in bulk
+        z.writestr("archive/PK\x01\x02 in a name", b"y")
+        commented = zipfile.ZipInfo("archive/with comment")
+        commented.comment = b"PK\x01\x02"
+        z.writestr(commented, b"z")
+        z.comment = b"an archive comment"
+    found["odd"] = buffer.getvalue()
+    return found
+
+
+def test_the_bulk_zip_directory_reads_what_the_loop_reads(zip_archives):
+    for name, raw in zip_archives.items():
+        bulk = _zip_outcome(raw, bulk=True)
+        assert bulk == _zip_outcome(raw, bulk=False), name
+        assert bulk[0][0] == "ok" and bulk[2][0] == "ok", (name, bulk)
+    # The ESM file takes the bulk path; the odd archive, whose names hold a
+    # signature and a NUL, the loop.
+    assert zipdir._plain_directory(*_directory_of(zip_archives["esm"])) is not None
+    assert zipdir._plain_directory(*_directory_of(zip_archives["odd"])) is None
+
+
+def _directory_of(raw: bytes) -> tuple:
+    return zipdir._central_directory(lambda start, size: raw[start : start + size], len(raw))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_the_bulk_zip_directory_never_changes_the_outcome_of_damage(zip_archives, data):
+    raw = bytearray(zip_archives[data.draw(st.sampled_from(["esm", "odd"]))])
+    directory, _, offset = _directory_of(bytes(raw))
+    local_headers = [m for m in range(len(raw)) if raw[m : m + 4] == b"PK\x03\x04"][:40]
+    for _ in range(data.draw(st.integers(1, 4))):
+        # In the central directory (sizes, flags, names), a local header, or the end records.
+        at = data.draw(st.integers(offset, len(raw) - 1)
+                       | st.sampled_from(local_headers).flatmap(lambda h: st.integers(h, h + 40)))
+        raw[at] = data.draw(st.sampled_from([0, 0xFF, 0x2F, 0x50, 0x80]) | st.integers(0, 255))
+    damaged = bytes(raw)
+    assert _zip_outcome(damaged, bulk=True) == _zip_outcome(damaged, bulk=False)
