@@ -97,3 +97,45 @@ def test_the_bulk_zip_directory_never_changes_the_outcome_of_damage(zip_archives
         raw[at] = data.draw(st.sampled_from([0, 0xFF, 0x2F, 0x50, 0x80]) | st.integers(0, 255))
     damaged = bytes(raw)
     assert _zip_outcome(damaged, bulk=True) == _zip_outcome(damaged, bulk=False)
+
+
+# --- copying protein rows (layouts.FeatureFile.fill) ------------------------------------------
+
+
+def _protein_files(folder) -> dict[str, str]:
+    """ESM files whose rows lie every which way in their bytes.
+
+    'views': rows that are views at offsets into shared storages, as torch.save
+    writes slices; 'unaligned': the same archive rewritten by zipfile, which
+    pads nothing, so storages start at any byte.
+    """
+    torch = pytest.importorskip("torch")
+    shared = torch.arange(9 * 7, dtype=torch.float32).reshape(9, 7) / 3
+    rows = [shared[i] for i in range(9)] + [torch.tensor([1.5, -2.0, 1e-40, 3.0, 0.0, -0.0, 7.0])]
+    views = folder / "views_ESM.pt"
+    torch.save({"proteins": [f"p{i}" for i in range(len(rows))], "data": rows}, views)
+    unaligned = folder / "unaligned_ESM.pt"
+    with zipfile.ZipFile(views) as source, zipfile.ZipFile(unaligned, "w") as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info))
+    return {"views": str(views), "unaligned": str(unaligned)}
+
+
+def test_copied_protein_rows_are_those_read_one_by_one(tmp_path):
+    from dataclasses import replace
+
+    from dask_merge.layouts import read_features
+
+    files = _protein_files(tmp_path)
+    order = [9, 3, 3, 0, 8, 1, 9, 4]  # shuffled, repeated
+    for name, path in files.items():
+        features = read_features(path, "protein")
+        assert features.fast
+        archive_ = features._archive
+        starts = [archive_.record_offset(v.storage.key) + 4 * v.offset for v in features._vectors]
+        assert (name == "unaligned") == any(start % 4 for start in starts), name
+        bulk, one_by_one = (np.full((len(order), 7), np.nan, np.float32) for _ in range(2))
+        features.fill(bulk, order)
+        replace(features, fast=False).fill(one_by_one, order)
+        assert bulk.tobytes() == one_by_one.tobytes(), name
+        assert bulk[0].tolist() == [1.5, -2.0, np.float32(1e-40), 3.0, 0.0, -0.0, 7.0]

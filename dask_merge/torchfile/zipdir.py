@@ -60,7 +60,7 @@ def zip_directory(read: Callable[[int, int], bytes | memoryview], size: int
 
 def _central_directory(read: Callable[[int, int], bytes | memoryview], size: int
                        ) -> tuple[bytes | memoryview, int, int]:
-    """The central directory's bytes, its number of entries and where it starts (see :func:`zip_directory`)."""
+    """The central directory's bytes, its entry count and where it starts (see :func:`zip_directory`)."""
     search = max(0, size - _END.size - 0xFFFF)  # the end record and its comment
     first = max(0, search - _END64_LOCATOR.size)  # and the zip64 locator before it
     tail = bytes(read(first, size - first))
