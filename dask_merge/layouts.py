@@ -29,7 +29,9 @@ import numpy as np
 
 from .atomic import atomic_write
 from .errors import FileFormatError
-from .torchfile import ArrayBlocks, FloatRun, TensorRef, TorchArchive, short_repr, write_archive
+from .torchfile import (
+    ArrayBlocks, FloatRun, ReadAhead, TensorRef, TorchArchive, short_repr, write_archive,
+)
 
 NUCLEOTIDE_SUFFIX = "_DNABERT_S.pt"
 PROTEIN_SUFFIX = "_ESM.pt"
@@ -136,8 +138,11 @@ def _equal_steps(starts: list[int]) -> Iterator[tuple[int, int, int]]:
         first = stop
 
 
-def read_features(path: str | os.PathLike[str], kind: str) -> FeatureFile:
+def read_features(path: str | os.PathLike[str], kind: str, *, ahead: ReadAhead | None = None
+                  ) -> FeatureFile:
     """Read a ``kind`` ('nucleotide' or 'protein') feature file, checking its layout.
+
+    ``ahead``: its bytes, being read by a helper thread (see :class:`~.torchfile.ReadAhead`).
 
     Raises
     ------
@@ -149,7 +154,7 @@ def read_features(path: str | os.PathLike[str], kind: str) -> FeatureFile:
         The pickle asks for anything beyond tensors and plain containers.
     """
     path = os.fspath(path)
-    archive = TorchArchive.open(path, slot=kind)
+    archive = TorchArchive.open(path, slot=kind, ahead=ahead)
     obj = archive.load()
     ids_key = _LAYOUTS[kind][1][0]
     _check_layout(path, obj, kind)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import numpy as np
 from .errors import FileFormatError, MispairedError, OutputError
 from .layouts import label_value, read_features, write_merged
 from .sources import ProteinSpec, Source, open_protein, spec_paths
-from .torchfile import ArrayBlocks, short_repr
+from .torchfile import ArrayBlocks, ReadAhead, short_repr
 
 EXAMPLES = 5  # how many dropped ids a result names
 # A real pair's output is smaller than its inputs (a pickled float takes 9
@@ -25,6 +26,7 @@ EXAMPLES = 5  # how many dropped ids a result names
 # vector could ask for hundreds of times more: refused past this factor.
 MAX_GROWTH, GROWTH_SLACK = 4, 1 << 20
 BLOCK_BYTES = 4 << 20  # output rows are assembled and written in blocks of this size
+READ_AHEAD_BYTES = 4 << 20  # a nucleotide file from this size on is read while the protein one is parsed
 
 
 @dataclass(frozen=True)
@@ -106,10 +108,30 @@ def merge_pair(
         if _same_file(output_file, given):
             raise OutputError(f"{output_file}: is the input {os.fspath(given)}; "
                               "an output never replaces an input")
-    protein = open_protein(protein_file)
-    nucleotide = read_features(nucleotide_file, "nucleotide")
+    ahead = _read_ahead(nucleotide_file)
+    try:
+        protein = open_protein(protein_file)
+        nucleotide = read_features(nucleotide_file, "nucleotide", ahead=ahead)
+    finally:
+        if ahead is not None:  # the next merge in this thread may reuse its buffer
+            ahead.wait()
     return join(nucleotide, protein, output_file, labels=labels, max_dropped=max_dropped,
                 started=start)
+
+
+def _read_ahead(path: str | os.PathLike[str]) -> ReadAhead | None:
+    """Start reading a big regular file in a helper thread (see :class:`ReadAhead`).
+
+    A small one costs less to read than a thread to start; anything else
+    is left to the caller's read, which refuses it.
+    """
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(found.st_mode) or found.st_size < READ_AHEAD_BYTES:
+        return None
+    return ReadAhead(path, slot="nucleotide")
 
 
 @dataclass(frozen=True)

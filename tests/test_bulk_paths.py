@@ -10,7 +10,9 @@ an outcome: the same result, or the same error word for word.
 from __future__ import annotations
 
 import io
+import os
 import struct
+import threading
 import zipfile
 
 import numpy as np
@@ -139,3 +141,75 @@ def test_copied_protein_rows_are_those_read_one_by_one(tmp_path):
         replace(features, fast=False).fill(one_by_one, order)
         assert bulk.tobytes() == one_by_one.tobytes(), name
         assert bulk[0].tolist() == [1.5, -2.0, np.float32(1e-40), 3.0, 0.0, -0.0, 7.0]
+
+
+# --- reading the nucleotide file ahead (merge._read_ahead, torchfile.ReadAhead) -------------
+
+
+def _read_ahead_from(monkeypatch, size: int) -> None:
+    """Merges read each nucleotide file of ``size`` bytes or more in a helper thread."""
+    from dask_merge import merge
+
+    monkeypatch.setattr(merge, "READ_AHEAD_BYTES", size)
+
+
+def _read_ahead_threads() -> list:
+    return [t for t in threading.enumerate() if t.name == "dask-merge-read-ahead"]
+
+
+def test_merges_read_ahead_write_the_same_bytes_into_the_same_buffers(tmp_path, monkeypatch):
+    from dask_merge import merge_pair
+    from dask_merge.torchfile import reused_read_buffers
+
+    pairs = [make_pair(tmp_path, f"p{i}", rows=rows, nucleotide_width=6, protein_width=4, seed=i)
+             for i, rows in enumerate([20, 3, 40])]
+    merged = {}
+    for way, size in (("in turn", 1 << 62), ("ahead", 0)):
+        _read_ahead_from(monkeypatch, size)
+        with reused_read_buffers() as pool:
+            for pair in pairs:
+                output = tmp_path / way / f"{pair.stem}_merged.pt"
+                output.parent.mkdir(exist_ok=True)
+                merge_pair(pair.nucleotide, pair.protein, output)
+                merged[way, pair.stem] = output.read_bytes()
+                nucleotide = open(pair.nucleotide, "rb").read()
+                assert bytes(pool.buffers()["nucleotide"][: len(nucleotide)]) == nucleotide
+        assert not _read_ahead_threads()
+    for pair in pairs:
+        assert merged["ahead", pair.stem] == merged["in turn", pair.stem]
+
+
+@pytest.mark.parametrize("size", [0, 1 << 62], ids=["ahead", "in turn"])
+def test_errors_read_ahead_are_those_read_in_turn(tmp_path, monkeypatch, size):
+    from dask_merge import merge_pair
+
+    _read_ahead_from(monkeypatch, size)
+    pair = make_pair(tmp_path, "p", rows=5, nucleotide_width=3, protein_width=2)
+    broken = tmp_path / "broken_ESM.pt"
+    broken.write_bytes(open(pair.protein, "rb").read()[:-100])
+    cases = [(pair.nucleotide, broken), (broken, pair.protein), (broken, broken),
+             (tmp_path / "missing_DNABERT_S.pt", pair.protein)]
+    for nucleotide, protein in cases:
+        with pytest.raises(FileFormatError) as info:
+            merge_pair(nucleotide, protein, tmp_path / "out_merged.pt")
+        # The protein file is read first: its error wins when both are bad.
+        assert str(info.value).startswith(str(protein if protein == broken else nucleotide))
+        assert not _read_ahead_threads() and not (tmp_path / "out_merged.pt").exists()
+
+
+def test_a_read_ahead_raises_what_a_read_in_turn_raises(tmp_path):
+    from dask_merge.torchfile import ReadAhead
+
+    os.mkfifo(tmp_path / "fifo")  # nobody writes: only a blocking open would wait
+    unreadable = tmp_path / "unreadable"
+    unreadable.write_bytes(b"PK")
+    unreadable.chmod(0)
+    for path in (tmp_path / "fifo", tmp_path, tmp_path / "missing", unreadable):
+        errors = []
+        for ahead in (None, ReadAhead(path, slot="nucleotide")):
+            with pytest.raises(FileFormatError) as info:
+                TorchArchive.open(path, slot="nucleotide", ahead=ahead)
+            errors.append(str(info.value))
+        assert errors[0] == errors[1] and errors[0].startswith(f"{path}: "), errors
+    with pytest.raises(ValueError, match="read ahead"):
+        TorchArchive.open(tmp_path / "other", ahead=ReadAhead(tmp_path / "fifo"))

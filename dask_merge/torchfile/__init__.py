@@ -25,13 +25,13 @@ the pickle machine (its record fast paths in :mod:`.fastpaths`),
 :mod:`.writer` writes archives.
 """
 
-from .archive import TorchArchive
+from .archive import ReadAhead, TorchArchive
 from .buffers import ReadBufferPool, keep_read_buffers, reused_read_buffers, worker_read_buffers
 from .refs import STORAGE_DTYPES, FloatRun, StorageRef, TensorRef, short_repr
 from .writer import ArrayBlocks, write_archive
 
 __all__ = [
-    "STORAGE_DTYPES", "ArrayBlocks", "FloatRun", "ReadBufferPool", "StorageRef",
+    "STORAGE_DTYPES", "ArrayBlocks", "FloatRun", "ReadAhead", "ReadBufferPool", "StorageRef",
     "TensorRef", "TorchArchive", "keep_read_buffers", "reused_read_buffers", "short_repr",
     "worker_read_buffers", "write_archive",
 ]

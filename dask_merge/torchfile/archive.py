@@ -8,14 +8,16 @@ import os
 import re
 import stat
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from itertools import repeat
 from operator import add
+from typing import BinaryIO
 
 import numpy as np
 
 from ..errors import FileFormatError
-from .buffers import read_whole
+from .buffers import whole_reader
 from .refs import FloatRun, StorageRef, TensorRef, short_repr
 from .unpickler import Unpickler
 from .zipdir import zip_entries
@@ -55,24 +57,22 @@ class TorchArchive:
         self._check_records()
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, slot: str | None = None) -> TorchArchive:
+    def open(cls, path: str | os.PathLike[str], *, slot: str | None = None,
+             ahead: ReadAhead | None = None) -> TorchArchive:
         """Read the archive at ``path``.
 
         Inside :func:`~dask_merge.torchfile.reused_read_buffers`, into the
         buffer kept for ``slot`` (if given): the archive and its arrays then
         live until the next archive of that slot is opened in this thread.
+        ``ahead``: the read of ``path`` already started in a helper thread
+        (its errors are raised here, as if read now).
         """
         path = os.fspath(path)
+        if ahead is not None and ahead.path != path:
+            raise ValueError(f"{ahead.path} was read ahead, not {path}")
         try:
-            # Only a regular file: a device reads forever (/dev/zero) or has
-            # effects, a FIFO blocks open() until a writer comes.  Opened
-            # without blocking, then checked on the descriptor, so a FIFO
-            # swapped in after a stat cannot block either.
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-            with open(fd, "rb") as f:
-                if (kind := _special_kind(os.fstat(fd).st_mode)) is not None:
-                    raise FileFormatError(f"{path}: a {kind}, not a file")
-                return cls(read_whole(f, slot), path)
+            buffer = ahead.result() if ahead is not None else _read_regular(path, whole_reader(slot))
+            return cls(buffer, path)
         except OSError as err:
             raise FileFormatError(f"{path}: cannot read ({err.strerror or err})") from None
         except MemoryError:
@@ -223,6 +223,53 @@ class TorchArchive:
         records = np.frombuffer(self.buffer, np.uint8, count=9 * run.count, offset=start)
         # Each record is the opcode byte 'G' and a big-endian double.
         return records.reshape(run.count, 9)[:, 1:].view(">f8")[:, 0]
+
+
+class ReadAhead:
+    """A file read whole by a helper thread, for :meth:`TorchArchive.open` to take.
+
+    Reading releases the GIL: a merge reads its second input while it parses
+    the first.  Whoever makes one must :meth:`wait` for it before the
+    thread's buffer for ``slot`` is read into again.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, slot: str | None = None) -> None:
+        self.path = os.fspath(path)
+        self._outcome: tuple[bool, object] = (False, None)
+        self._thread = threading.Thread(target=self._read, args=(whole_reader(slot),),
+                                        name="dask-merge-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _read(self, read: Callable[[BinaryIO], bytes | memoryview]) -> None:
+        try:
+            self._outcome = True, _read_regular(self.path, read)
+        except BaseException as err:  # noqa: BLE001 - raised again by result(), in the caller's thread
+            self._outcome = False, err
+
+    def wait(self) -> None:
+        """Until the read has ended."""
+        self._thread.join()
+
+    def result(self) -> bytes | memoryview:
+        """The file's bytes, or the error reading it raised."""
+        self.wait()
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
+
+
+def _read_regular(path: str, read: Callable[[BinaryIO], bytes | memoryview]) -> bytes | memoryview:
+    """``read`` of the regular file at ``path``; FileFormatError for anything else."""
+    # Only a regular file: a device reads forever (/dev/zero) or has
+    # effects, a FIFO blocks open() until a writer comes.  Opened
+    # without blocking, then checked on the descriptor, so a FIFO
+    # swapped in after a stat cannot block either.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with open(fd, "rb") as f:
+        if (kind := _special_kind(os.fstat(fd).st_mode)) is not None:
+            raise FileFormatError(f"{path}: a {kind}, not a file")
+        return read(f)
 
 
 @contextlib.contextmanager
