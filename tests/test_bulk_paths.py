@@ -213,3 +213,64 @@ def test_a_read_ahead_raises_what_a_read_in_turn_raises(tmp_path):
         assert errors[0] == errors[1] and errors[0].startswith(f"{path}: "), errors
     with pytest.raises(ValueError, match="read ahead"):
         TorchArchive.open(tmp_path / "other", ahead=ReadAhead(tmp_path / "fifo"))
+
+
+# --- lists of ids (torchfile.runs.string_run) -------------------------------------------------
+
+
+def _ids_outcome(raw: bytes, way: str):
+    """Load ``raw`` with runs ('bulk'), one record at a time ('one by one') or opcodes only."""
+    from dask_merge.torchfile.unpickler import Unpickler
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Unpickler, "runs", way == "bulk")
+        try:
+            return TorchArchive(raw, "ids.pt").load(fast_paths=way != "opcodes")
+        except FileFormatError as err:
+            return type(err), str(err)
+
+
+def _tricky_ids() -> list[str]:
+    """1,500 ids (memo puts past 255, three batches of APPENDS) that look like records inside."""
+    inner = "X\x05\x00\x00\x00abcde"  # a BINUNICODE record, in an id
+    ids = [f"seq_{i}_X" for i in range(1500)]
+    ids[300] = inner + "r" + chr(0x2F) + "\x01\x00\x00"  # and its put, of a later index
+    ids[400], ids[401] = "with\0nul", "\udcff lone surrogate"
+    ids[500] = "ünïcödé 🧬"
+    ids[600] = "x" * 70_000  # longer than the first bytes searched
+    ids[700] = ""
+    return ids
+
+
+@pytest.fixture(scope="module")
+def ids_file(tmp_path_factory) -> bytes:
+    torch = pytest.importorskip("torch")
+    path = tmp_path_factory.mktemp("ids") / "ids_ESM.pt"
+    torch.save({"proteins": _tricky_ids(), "data": [torch.zeros(2)]}, path)
+    return open(path, "rb").read()
+
+
+def test_ids_in_bulk_are_those_read_one_by_one(ids_file, monkeypatch):
+    from dask_merge.torchfile import fastpaths, runs
+
+    taken = []
+    monkeypatch.setattr(fastpaths, "string_run",
+                        lambda *args: taken.append(found := runs.string_run(*args)) or found)
+    loaded = _ids_outcome(ids_file, "bulk")
+    assert loaded["proteins"] == _tricky_ids()
+    assert loaded == _ids_outcome(ids_file, "one by one") == _ids_outcome(ids_file, "opcodes")
+    assert sum(len(names) for names, _ in taken) > 1000, [len(names) for names, _ in taken]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_ids_in_bulk_never_change_the_outcome_of_damage(ids_file, data):
+    raw = bytearray(ids_file)
+    start = raw.index(b"seq_250_X")  # from where the puts are LONG_BINPUTs
+    stop = raw.index(b"seq_1499_X") + 20
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(start, stop))
+        raw[at] = data.draw(st.sampled_from([0, 0x58, 0x72, 0x80, 0xFF]) | st.integers(0, 255))
+    damaged = bytes(raw)
+    bulk = _ids_outcome(damaged, "bulk")
+    assert bulk == _ids_outcome(damaged, "one by one") == _ids_outcome(damaged, "opcodes")

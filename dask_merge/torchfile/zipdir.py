@@ -8,6 +8,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .textspans import decode_spans
+
 _END = struct.Struct("<4s4H2LH")  # end of central directory
 _END64_LOCATOR = struct.Struct("<4sLQL")
 _END64 = struct.Struct("<4sQ2H2L4Q")
@@ -198,9 +200,8 @@ def _plain_directory(directory: bytes | memoryview, count: int, offset: int) -> 
 
     The entries are where the signatures are: those positions must chain,
     each entry ending where the next begins, so a signature inside a name
-    or comment sends the directory to the loop.  Names are decoded in one
-    go, joined by NULs: a name holding a NUL, or that is not UTF-8, sends
-    it there too.
+    or comment sends the directory to the loop, and so does a name that
+    :func:`~.textspans.decode_spans` cannot take.
     """
     raw = np.frombuffer(directory, np.uint8)
     if count < 2 or len(raw) < _CENTRAL.size * count:
@@ -223,18 +224,8 @@ def _plain_directory(directory: bytes | memoryview, count: int, offset: int) -> 
             | (entries["local"].astype(np.int64) > offset - _LOCAL.size)
             | (entries["name_length"] == 0) | (raw[name_ends - 1] == ord("/"))).any():
         return None
-    # Each name's bytes and a NUL after it, in one buffer.
-    spans = entries["name_length"].astype(np.int64) + 1
-    stops = np.cumsum(spans)
-    at = np.arange(stops[-1]) + np.repeat(name_starts - (stops - spans), spans)
-    joined = raw[np.minimum(at, len(raw) - 1)]
-    joined[stops - 1] = 0
-    joined = joined[:-1].tobytes()
-    if joined.count(0) != count - 1:
-        return None
-    try:
-        names = str(joined, "utf-8").split("\0")
-    except UnicodeDecodeError:
+    names = decode_spans(raw, name_starts, entries["name_length"])
+    if len(names) != count:
         return None
     if len(set(names)) != count:
         return None
