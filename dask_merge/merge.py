@@ -11,6 +11,7 @@ import os
 import stat
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -235,18 +236,8 @@ def join(nucleotide: Source, protein: Source, output_file: str, *, labels: list[
     joined = match(nucleotide, protein, max_dropped=max_dropped)
     shape = joined.shape
 
-    def blocks() -> Iterator[np.ndarray]:
-        # Rows are assembled a block at a time into one small buffer, which
-        # is written while still in the CPU's cache: the whole output never
-        # sits in memory.
-        step = max(1, BLOCK_BYTES // (4 * shape[1] or 1))
-        buffer = np.empty((min(step, shape[0]), shape[1]), np.float32)
-        for start in range(0, shape[0], step):
-            block = buffer[: min(step, shape[0] - start)]
-            joined.fill(block, slice(start, start + step))
-            yield block
-
-    write_merged(output_file, joined.ids, ArrayBlocks(shape, np.dtype(np.float32), blocks()), labels)
+    write_merged(output_file, joined.ids, ArrayBlocks(shape, np.dtype(np.float32), _blocks(joined)),
+                 labels)
     return MergeResult(
         output=output_file,
         rows=len(joined.ids),
@@ -258,6 +249,36 @@ def join(nucleotide: Source, protein: Source, output_file: str, *, labels: list[
         protein_only_examples=tuple(joined.protein_only[:EXAMPLES]),
         seconds=time.perf_counter() - start,
     )
+
+
+def _blocks(joined: Join) -> Iterator[np.ndarray]:
+    """The merged rows, a block of :data:`BLOCK_BYTES` at a time, each filled while the last is written.
+
+    Rows are assembled into two small buffers in turn, so the whole output
+    never sits in memory.  A helper thread fills the next block while the
+    caller checksums and writes this one (both release the GIL): on a
+    machine with a core to spare, the copies leave the critical path.
+    """
+    rows, width = joined.shape
+    step = max(1, BLOCK_BYTES // (4 * width or 1))
+    starts = range(0, rows, step)
+    buffers = [np.empty((min(step, rows), width), np.float32) for _ in starts[:2]]
+
+    def filled(k: int) -> np.ndarray:
+        block = buffers[k % 2][: min(step, rows - starts[k])]
+        joined.fill(block, slice(starts[k], starts[k] + step))
+        return block
+
+    if len(starts) < 2:
+        yield from map(filled, range(len(starts)))
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="dask-merge-fill") as filler:
+        pending = filler.submit(filled, 0)
+        for k in range(len(starts)):
+            block = pending.result()
+            if k + 1 < len(starts):  # into the other buffer: this one is written meanwhile
+                pending = filler.submit(filled, k + 1)
+            yield block
 
 
 def check_max_dropped(share: float | None) -> None:

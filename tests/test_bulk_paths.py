@@ -274,3 +274,53 @@ def test_ids_in_bulk_never_change_the_outcome_of_damage(ids_file, data):
     damaged = bytes(raw)
     bulk = _ids_outcome(damaged, "bulk")
     assert bulk == _ids_outcome(damaged, "one by one") == _ids_outcome(damaged, "opcodes")
+
+
+# --- blocks filled while the last is written (merge._blocks) -----------------------------------
+
+
+def _fill_threads() -> list:
+    return [t for t in threading.enumerate() if t.name.startswith("dask-merge-fill")]
+
+
+def test_blocks_filled_ahead_write_what_one_block_writes(tmp_path, monkeypatch):
+    from dask_merge import merge, merge_pair
+
+    pair = make_pair(tmp_path, "p", rows=50, nucleotide_width=5, protein_width=3, nucleotide_only=2)
+    outputs = {}
+    for block_rows in (1000, 7, 1):  # one block; 8 blocks, the last short; one block per row
+        monkeypatch.setattr(merge, "BLOCK_BYTES", 4 * 8 * block_rows)
+        output = tmp_path / str(block_rows) / "p_merged.pt"
+        output.parent.mkdir()
+        merge_pair(pair.nucleotide, pair.protein, output)
+        outputs[block_rows] = output.read_bytes()
+    assert outputs[7] == outputs[1000] == outputs[1]
+    assert not _fill_threads()
+
+
+def test_a_write_that_fails_between_blocks_leaves_no_file_and_no_thread(tmp_path, monkeypatch):
+    import errno
+
+    from dask_merge import atomic, merge, merge_pair
+    from dask_merge.errors import OutputError
+    from dask_merge.torchfile import writer
+
+    pair = make_pair(tmp_path, "p", rows=50, nucleotide_width=5, protein_width=3)
+    block = 4 * 8 * 7
+    monkeypatch.setattr(merge, "BLOCK_BYTES", block)
+    monkeypatch.setattr(writer, "SMALL_ARCHIVE", 0)  # written as it comes, not in memory first
+    monkeypatch.setattr(atomic, "_CAN_START_WRITEBACK", True)
+    blocks = []
+    real = atomic._EarlyWriteback.write
+
+    def failing(self, data):
+        blocks.append(len(data) == block)
+        if sum(blocks) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(atomic._EarlyWriteback, "write", failing)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OutputError, match="No space left"):
+        merge_pair(pair.nucleotide, pair.protein, tmp_path / "out" / "p_merged.pt")
+    assert sum(blocks) == 2 and not _fill_threads() and not any((tmp_path / "out").iterdir())
