@@ -34,9 +34,10 @@ def decode_spans(raw: np.ndarray, starts: np.ndarray, lengths: np.ndarray, *,
     stops = np.cumsum(spans)  # where each string's NUL ends, in the joined bytes
     at = np.arange(stops[-1]) + np.repeat(starts.astype(np.int64) - (stops - spans), spans)
     joined = raw[np.minimum(at, len(raw) - 1)]  # the NUL after the last may lie past the end
-    zeros = np.flatnonzero(joined == 0)
+    nul = joined == 0
+    nul[stops - 1] = False  # the separators' places
+    inner = np.flatnonzero(nul)
     joined[stops - 1] = 0
-    inner = zeros[~np.isin(zeros, stops - 1)]
     count = int(np.searchsorted(stops, inner[0], "right")) if len(inner) else len(starts)
     text = joined[: stops[count - 1] - 1 if count else 0].tobytes()
     try:
