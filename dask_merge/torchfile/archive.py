@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import FileFormatError
 from .buffers import whole_reader
-from .refs import FloatRun, StorageRef, TensorRef, short_repr
+from .refs import FloatRun, StorageRef, TensorRef, make_many, short_repr
 from .unpickler import Unpickler
 from .zipdir import zip_entries
 
@@ -183,7 +183,7 @@ class TorchArchive:
         if numel >= 0 and known.keys().isdisjoint(keys) and len(set(keys)) == len(keys):
             found = list(map(self._records.get, ["data/" + key for key in keys]))
             if None not in found and {size for _, size in found} <= {numel * dtype.itemsize}:
-                refs = list(map(StorageRef, keys, repeat(dtype), repeat(numel)))
+                refs = make_many(StorageRef, keys, repeat(dtype), repeat(numel))
                 known.update(zip(keys, refs))
                 return refs
         return [self.storage_ref(key, dtype, numel) for key in keys]

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .refs import FloatRun, TensorRef
+from .refs import FloatRun, TensorRef, make_many
 from .textspans import decode_spans
 
 # Runs use only LONG_BINPUT puts (memo indices from 256 on): a file of a few
@@ -106,7 +106,7 @@ def tensor_run(unpickler, layout: TensorRun, template: tuple, pos: int,
     storage_type, location, dtype, numel, offset, shape, strides = template
     keys = b"\0".join(keys).decode("ascii").split("\0")  # digits: no NUL in a key
     storages = unpickler.archive.storage_refs(keys, dtype, numel)
-    tensors = list(map(TensorRef, storages, repeat(offset), repeat(shape), repeat(strides)))
+    tensors = make_many(TensorRef, storages, repeat(offset), repeat(shape), repeat(strides))
     pids = list(zip(repeat("storage"), repeat(storage_type), keys, repeat(location), repeat(numel)))
     hooks = [{} for _ in keys]
     args = list(zip(storages, repeat(offset), repeat(shape), repeat(strides), repeat(False), hooks))
@@ -205,7 +205,8 @@ def _row_block(unpickler, block: np.ndarray, header: bytes, id_at: int, id_size:
         del ids[taken:]
     label_key, values_key = keys
     offset = pos + len(header) - unpickler.base
-    values = [[FloatRun(offset + i * length, width)] for i in range(taken)]
+    values = list(map(list, zip(make_many(FloatRun, range(offset, offset + taken * length, length),
+                                         repeat(width)))))
     rows = [{label_key: seq_id, values_key: run} for seq_id, run in zip(ids, values)]
     memo.update(zip(count(first), chain.from_iterable(zip(rows, values))))
     return rows
