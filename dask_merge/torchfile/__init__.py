@@ -20,9 +20,10 @@ speed comes from: a 10,000-row DNABERT-S file holds 7.68 M pickled floats,
 which :func:`torch.load` turns into Python floats one by one.
 
 The modules: :mod:`.zipdir` reads the zip directory, :mod:`.unpickler` is
-the pickle machine (its record fast paths in :mod:`.fastpaths`),
-:mod:`.archive` ties them to a file, :mod:`.buffers` reuses read memory,
-:mod:`.writer` writes archives.
+the pickle machine (its record fast paths in :mod:`.fastpaths`, runs of
+records read in bulk in :mod:`.runs`), :mod:`.textspans` decodes many
+strings at once, :mod:`.archive` ties them to a file (and reads one ahead),
+:mod:`.buffers` reuses read memory, :mod:`.writer` writes archives.
 """
 
 from .archive import ReadAhead, TorchArchive
