@@ -22,13 +22,16 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import ClassVar
 
 import numpy as np
 
 from .atomic import atomic_write
 from .errors import FileFormatError
-from .torchfile import ArrayBlocks, FloatRun, TensorRef, TorchArchive, short_repr, write_archive
+from .torchfile import (
+    ArrayBlocks, FloatRun, ReadAhead, TensorRef, TorchArchive, short_repr, write_archive,
+)
 
 NUCLEOTIDE_SUFFIX = "_DNABERT_S.pt"
 PROTEIN_SUFFIX = "_ESM.pt"
@@ -96,11 +99,10 @@ class FeatureFile:
         archive, vectors, width = self._archive, self._vectors, self.width
         if type(vectors[rows[0]]) is TensorRef:
             flat = np.frombuffer(archive.buffer, "<f4", count=len(archive.buffer) // 4)
+            starts = self._tensor_starts
             for j, i in enumerate(rows):
-                ref = vectors[i]
-                start, misaligned = divmod(archive.record_offset(ref.storage.key), 4)
-                start += ref.offset
-                out[j] = archive.array(ref) if misaligned else flat[start : start + width]
+                start = starts[i]
+                out[j] = flat[start : start + width] if start >= 0 else archive.array(vectors[i])
         else:
             # Rows a merge takes are mostly consecutive, and consecutive rows
             # of a file mostly lie equally far apart: each such stretch is
@@ -109,6 +111,14 @@ class FeatureFile:
             for first, stop, step in _equal_steps(starts):
                 out[first:stop] = np.ndarray((stop - first, width), ">f8", archive.buffer,
                                              archive.pickle_offset + starts[first], (step, 9))
+
+    @cached_property
+    def _tensor_starts(self) -> list[int]:
+        """Where each vector (all TensorRefs) starts in the archive's bytes, in float32
+        items; -1 for one whose bytes are not 4-aligned."""
+        vectors = self._vectors
+        offsets = self._archive.record_offsets([ref.storage.key for ref in vectors])
+        return [-1 if offset % 4 else offset // 4 + ref.offset for offset, ref in zip(offsets, vectors)]
 
 
 def _equal_steps(starts: list[int]) -> Iterator[tuple[int, int, int]]:
@@ -128,8 +138,11 @@ def _equal_steps(starts: list[int]) -> Iterator[tuple[int, int, int]]:
         first = stop
 
 
-def read_features(path: str | os.PathLike[str], kind: str) -> FeatureFile:
+def read_features(path: str | os.PathLike[str], kind: str, *, ahead: ReadAhead | None = None
+                  ) -> FeatureFile:
     """Read a ``kind`` ('nucleotide' or 'protein') feature file, checking its layout.
+
+    ``ahead``: its bytes, being read by a helper thread (see :class:`~.torchfile.ReadAhead`).
 
     Raises
     ------
@@ -141,7 +154,7 @@ def read_features(path: str | os.PathLike[str], kind: str) -> FeatureFile:
         The pickle asks for anything beyond tensors and plain containers.
     """
     path = os.fspath(path)
-    archive = TorchArchive.open(path, slot=kind)
+    archive = TorchArchive.open(path, slot=kind, ahead=ahead)
     obj = archive.load()
     ids_key = _LAYOUTS[kind][1][0]
     _check_layout(path, obj, kind)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import numbers
 import os
+import stat
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +19,7 @@ import numpy as np
 from .errors import FileFormatError, MispairedError, OutputError
 from .layouts import label_value, read_features, write_merged
 from .sources import ProteinSpec, Source, open_protein, spec_paths
-from .torchfile import ArrayBlocks, short_repr
+from .torchfile import ArrayBlocks, ReadAhead, short_repr
 
 EXAMPLES = 5  # how many dropped ids a result names
 # A real pair's output is smaller than its inputs (a pickled float takes 9
@@ -25,6 +27,7 @@ EXAMPLES = 5  # how many dropped ids a result names
 # vector could ask for hundreds of times more: refused past this factor.
 MAX_GROWTH, GROWTH_SLACK = 4, 1 << 20
 BLOCK_BYTES = 4 << 20  # output rows are assembled and written in blocks of this size
+READ_AHEAD_BYTES = 4 << 20  # a nucleotide file from this size on is read while the protein one is parsed
 
 
 @dataclass(frozen=True)
@@ -106,10 +109,30 @@ def merge_pair(
         if _same_file(output_file, given):
             raise OutputError(f"{output_file}: is the input {os.fspath(given)}; "
                               "an output never replaces an input")
-    protein = open_protein(protein_file)
-    nucleotide = read_features(nucleotide_file, "nucleotide")
+    ahead = _read_ahead(nucleotide_file)
+    try:
+        protein = open_protein(protein_file)
+        nucleotide = read_features(nucleotide_file, "nucleotide", ahead=ahead)
+    finally:
+        if ahead is not None:  # the next merge in this thread may reuse its buffer
+            ahead.wait()
     return join(nucleotide, protein, output_file, labels=labels, max_dropped=max_dropped,
                 started=start)
+
+
+def _read_ahead(path: str | os.PathLike[str]) -> ReadAhead | None:
+    """Start reading a big regular file in a helper thread (see :class:`ReadAhead`).
+
+    A small one costs less to read than a thread to start; anything else
+    is left to the caller's read, which refuses it.
+    """
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    if not stat.S_ISREG(found.st_mode) or found.st_size < READ_AHEAD_BYTES:
+        return None
+    return ReadAhead(path, slot="nucleotide")
 
 
 @dataclass(frozen=True)
@@ -213,18 +236,8 @@ def join(nucleotide: Source, protein: Source, output_file: str, *, labels: list[
     joined = match(nucleotide, protein, max_dropped=max_dropped)
     shape = joined.shape
 
-    def blocks() -> Iterator[np.ndarray]:
-        # Rows are assembled a block at a time into one small buffer, which
-        # is written while still in the CPU's cache: the whole output never
-        # sits in memory.
-        step = max(1, BLOCK_BYTES // (4 * shape[1] or 1))
-        buffer = np.empty((min(step, shape[0]), shape[1]), np.float32)
-        for start in range(0, shape[0], step):
-            block = buffer[: min(step, shape[0] - start)]
-            joined.fill(block, slice(start, start + step))
-            yield block
-
-    write_merged(output_file, joined.ids, ArrayBlocks(shape, np.dtype(np.float32), blocks()), labels)
+    write_merged(output_file, joined.ids, ArrayBlocks(shape, np.dtype(np.float32), _blocks(joined)),
+                 labels)
     return MergeResult(
         output=output_file,
         rows=len(joined.ids),
@@ -236,6 +249,36 @@ def join(nucleotide: Source, protein: Source, output_file: str, *, labels: list[
         protein_only_examples=tuple(joined.protein_only[:EXAMPLES]),
         seconds=time.perf_counter() - start,
     )
+
+
+def _blocks(joined: Join) -> Iterator[np.ndarray]:
+    """The merged rows, a block of :data:`BLOCK_BYTES` at a time, each filled while the last is written.
+
+    Rows are assembled into two small buffers in turn, so the whole output
+    never sits in memory.  A helper thread fills the next block while the
+    caller checksums and writes this one (both release the GIL): on a
+    machine with a core to spare, the copies leave the critical path.
+    """
+    rows, width = joined.shape
+    step = max(1, BLOCK_BYTES // (4 * width or 1))
+    starts = range(0, rows, step)
+    buffers = [np.empty((min(step, rows), width), np.float32) for _ in starts[:2]]
+
+    def filled(k: int) -> np.ndarray:
+        block = buffers[k % 2][: min(step, rows - starts[k])]
+        joined.fill(block, slice(starts[k], starts[k] + step))
+        return block
+
+    if len(starts) < 2:
+        yield from map(filled, range(len(starts)))
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="dask-merge-fill") as filler:
+        pending = filler.submit(filled, 0)
+        for k in range(len(starts)):
+            block = pending.result()
+            if k + 1 < len(starts):  # into the other buffer: this one is written meanwhile
+                pending = filler.submit(filled, k + 1)
+            yield block
 
 
 def check_max_dropped(share: float | None) -> None:

@@ -20,18 +20,19 @@ speed comes from: a 10,000-row DNABERT-S file holds 7.68 M pickled floats,
 which :func:`torch.load` turns into Python floats one by one.
 
 The modules: :mod:`.zipdir` reads the zip directory, :mod:`.unpickler` is
-the pickle machine (its record fast paths in :mod:`.fastpaths`),
-:mod:`.archive` ties them to a file, :mod:`.buffers` reuses read memory,
-:mod:`.writer` writes archives.
+the pickle machine (its record fast paths in :mod:`.fastpaths`, runs of
+records read in bulk in :mod:`.runs`), :mod:`.textspans` decodes many
+strings at once, :mod:`.archive` ties them to a file (and reads one ahead),
+:mod:`.buffers` reuses read memory, :mod:`.writer` writes archives.
 """
 
-from .archive import TorchArchive
+from .archive import ReadAhead, TorchArchive
 from .buffers import ReadBufferPool, keep_read_buffers, reused_read_buffers, worker_read_buffers
 from .refs import STORAGE_DTYPES, FloatRun, StorageRef, TensorRef, short_repr
 from .writer import ArrayBlocks, write_archive
 
 __all__ = [
-    "STORAGE_DTYPES", "ArrayBlocks", "FloatRun", "ReadBufferPool", "StorageRef",
+    "STORAGE_DTYPES", "ArrayBlocks", "FloatRun", "ReadAhead", "ReadBufferPool", "StorageRef",
     "TensorRef", "TorchArchive", "keep_read_buffers", "reused_read_buffers", "short_repr",
     "worker_read_buffers", "write_archive",
 ]

@@ -16,9 +16,10 @@ block, released with it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from typing import BinaryIO
 
@@ -51,10 +52,15 @@ class ReadBufferPool:
             slots = self._local.slots = {}
         return slots
 
-    def read(self, f: BinaryIO, slot: str) -> bytes | memoryview:
-        """The whole of ``f``, read into ``slot``'s buffer (grown if too small)."""
+    def read(self, f: BinaryIO, slot: str, *, buffers: dict[str, bytearray] | None = None
+             ) -> bytes | memoryview:
+        """The whole of ``f``, read into ``slot``'s buffer (grown if too small).
+
+        ``buffers``: another thread's :meth:`buffers`, to read into (see
+        :func:`whole_reader`); this thread's by default.
+        """
         size = os.fstat(f.fileno()).st_size
-        buffers = self.buffers()
+        buffers = self.buffers() if buffers is None else buffers
         buffer = buffers.get(slot)
         if buffer is None or len(buffer) <= size:
             # Replaced, never resized: a view of the old one may still be alive.
@@ -80,12 +86,21 @@ _active: ContextVar[ReadBufferPool | None] = ContextVar("dask_merge_read_buffers
 _worker_pool: ReadBufferPool | None = None  # see keep_read_buffers
 
 
-def read_whole(f: BinaryIO, slot: str | None) -> bytes | memoryview:
-    """The whole of ``f``; into ``slot``'s buffer of the active pool, if both are given."""
+def whole_reader(slot: str | None) -> Callable[[BinaryIO], bytes | memoryview]:
+    """What reads a whole file for this thread: into ``slot``'s buffer of the active pool,
+    if both are given; else into new memory.
+
+    A helper thread may call it: it then reads into this thread's buffer.
+    """
     pool = _active.get()
     if pool is None or slot is None:
-        return f.read()
-    return pool.read(f, slot)
+        return _read_all
+    buffers = pool.buffers()
+    return functools.partial(pool.read, slot=slot, buffers=buffers)
+
+
+def _read_all(f: BinaryIO) -> bytes:
+    return f.read()
 
 
 @contextlib.contextmanager

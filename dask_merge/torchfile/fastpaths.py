@@ -15,10 +15,11 @@ import numpy as np
 
 from ..errors import FileFormatError
 from .refs import ORDERED_DICT, STORAGE_DTYPES, FloatRun, Global, StorageRef, TensorRef, known_location
-from .runs import MAX_TEMPLATES, row_run, tensor_run, tensor_run_layout
+from .runs import MAX_TEMPLATES, row_run, string_run, tensor_run, tensor_run_layout
 
 # Opcodes, as the integers that indexing a bytes object gives.
 APPENDS = ord("e")
+_MIN_STRING_RUN, _MAX_SHORT_STRING_RUNS = 8, 16  # see RecordFastPaths._string_run
 
 
 def _float_run_length(ops: np.ndarray) -> int:
@@ -127,6 +128,17 @@ class RecordFastPaths:
         data, limit, start = self.data, self.limit, pos
         unpack_from, index = struct.unpack_from, len(memo)
         while pos + 10 <= limit and data[pos] == 0x58:
+            # LONG_BINPUTs: the rest in bulk (see .runs.string_run), then the
+            # one that stopped it here.  Runs cut short early cost a search
+            # each for little: a file that makes many (a forged one can) goes
+            # one by one from then on.
+            if index > 0xFF and self.runs and self._short_string_runs < _MAX_SHORT_STRING_RUNS:
+                names, pos = string_run(self, pos, memo)
+                stack += names
+                index += len(names)
+                self._short_string_runs += len(names) < _MIN_STRING_RUN
+                if not (pos + 10 <= limit and data[pos] == 0x58):
+                    break
             after = pos + 5 + unpack_from("<I", data, pos + 1)[0]
             if after + 2 > limit:
                 break

@@ -1,4 +1,4 @@
-"""Runs of identical records, read in bulk: the rows of a feature file after the first.
+"""Runs of identical records, read in bulk: ids, and the rows of a feature file after the first.
 
 The record fast paths (:mod:`.fastpaths`) read one tensor or DNABERT-S row
 at a time.  Once one has been read, the records after it repeat it with only
@@ -22,7 +22,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .refs import FloatRun, TensorRef
+from .refs import FloatRun, TensorRef, make_many
+from .textspans import decode_spans
 
 # Runs use only LONG_BINPUT puts (memo indices from 256 on): a file of a few
 # hundred rows or more, where speed matters, has its rows there.
@@ -105,7 +106,7 @@ def tensor_run(unpickler, layout: TensorRun, template: tuple, pos: int,
     storage_type, location, dtype, numel, offset, shape, strides = template
     keys = b"\0".join(keys).decode("ascii").split("\0")  # digits: no NUL in a key
     storages = unpickler.archive.storage_refs(keys, dtype, numel)
-    tensors = list(map(TensorRef, storages, repeat(offset), repeat(shape), repeat(strides)))
+    tensors = make_many(TensorRef, storages, repeat(offset), repeat(shape), repeat(strides))
     pids = list(zip(repeat("storage"), repeat(storage_type), keys, repeat(location), repeat(numel)))
     hooks = [{} for _ in keys]
     args = list(zip(storages, repeat(offset), repeat(shape), repeat(strides), repeat(False), hooks))
@@ -204,7 +205,8 @@ def _row_block(unpickler, block: np.ndarray, header: bytes, id_at: int, id_size:
         del ids[taken:]
     label_key, values_key = keys
     offset = pos + len(header) - unpickler.base
-    values = [[FloatRun(offset + i * length, width)] for i in range(taken)]
+    values = list(map(list, zip(make_many(FloatRun, range(offset, offset + taken * length, length),
+                                         repeat(width)))))
     rows = [{label_key: seq_id, values_key: run} for seq_id, run in zip(ids, values)]
     memo.update(zip(count(first), chain.from_iterable(zip(rows, values))))
     return rows
@@ -215,3 +217,65 @@ def _le_ints(block: np.ndarray, start: int, size: int = 4) -> np.ndarray:
     if size == 1:
         return block[:, start].astype(np.int64)
     return np.ascontiguousarray(block[:, start : start + 4]).view("<u4")[:, 0].astype(np.int64)
+
+
+# --- lists of ids ------------------------------------------------------------
+#
+# An id, from its BINUNICODE on: X <length: 4 bytes> <UTF-8> r <memo index: 4 bytes>,
+# the index always the memo's next.
+
+# Bytes searched at first, doubled while all are taken: torch's pickles batch
+# a list's items by 1,000, and 1,000 ids of up to 60 bytes fit.
+_FIRST_STRING_BYTES = 1 << 16
+
+
+def string_run(unpickler, pos: int, memo: dict) -> tuple[list[str], int]:
+    """The ids from ``pos`` on, each put in the memo at its next index (LONG_BINPUT), and where they end.
+
+    Taken in growing chunks of bytes, up to the first that is not such a
+    record, lies past the frame, holds a NUL or is not UTF-8 (the caller's
+    loop then takes that one, or refuses it).
+    """
+    data, limit = unpickler.data, unpickler.limit
+    found: list[str] = []
+    size = _FIRST_STRING_BYTES
+    while pos < limit:
+        stop = min(limit, pos + size)
+        names, end = _string_block(np.frombuffer(data, np.uint8, count=stop - pos, offset=pos),
+                                   len(memo))
+        memo.update(zip(count(len(memo)), names))
+        found += names
+        pos += end
+        if end == 0 or stop == limit or stop - pos > size // 2:  # cut short: no more records
+            break
+        size *= 2
+    return found, pos
+
+
+def _string_block(raw: np.ndarray, first: int) -> tuple[list[str], int]:
+    """The records from the start of ``raw`` (all inside it), and where they end.
+
+    Every BINUNICODE opcode byte in ``raw`` is a candidate; the records are
+    the candidates whose puts number ``first``, ``first + 1``, ... in turn,
+    each starting where the one before ends: an id that looks like a record
+    inside another cannot take its place.
+    """
+    at = np.flatnonzero(raw[: max(len(raw) - 9, 0)] == 0x58)
+    if not len(at) or at[0]:
+        return [], 0
+    u32 = np.ndarray((len(raw) - 3,), "<u4", raw, 0, (1,))  # the uint32 at each byte
+    lengths = u32[at + 1].astype(np.int64)
+    put = at + 5 + lengths
+    fits = put + 5 <= len(raw)
+    at, lengths, put = at[fits], lengths[fits], put[fits]
+    rank = np.where(raw[put] == 0x72, u32[put + 1].astype(np.int64) - first, -1)
+    keep = (rank >= 0) & (rank < len(at))
+    at, lengths, put, rank = at[keep], lengths[keep], put[keep], rank[keep]
+    order = np.argsort(rank, kind="stable")
+    at, lengths, put, rank = at[order], lengths[order], put[order], rank[order]
+    # Records 0, 1, 2, ... each once, each where the last one ended.
+    chained = (rank == np.arange(len(rank))) & (at == np.concatenate(([0], put[:-1] + 5)))
+    taken = len(rank) if chained.all() else int(np.argmin(chained))
+    names = decode_spans(raw, at[:taken] + 5, lengths[:taken], errors="surrogatepass")
+    return names, int(put[len(names) - 1]) + 5 if names else 0
+

@@ -50,6 +50,7 @@ class Unpickler(RecordFastPaths):
         self._templates: dict[tuple[bytes, ...], tuple] = {}  # see _tensor_record
         self._run_layouts: dict[tuple, object] = {}  # see _tensor_record
         self._run_hint, self._run_ops = 0, b""  # see _float_run
+        self._short_string_runs = 0  # see _string_run
 
     def _refuse(self, pos: int, what: str) -> UnsafeFileError:
         return UnsafeFileError(

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+
+from .textspans import decode_spans
 
 _END = struct.Struct("<4s4H2LH")  # end of central directory
 _END64_LOCATOR = struct.Struct("<4sLQL")
@@ -30,9 +35,14 @@ def zip_entries(buffer: bytes | memoryview) -> dict[str, tuple[int, int, int]]:
     >>> zip_entries(f.getvalue())
     {'a/data.pkl': (0, 40, 5)}
     """
-    members, _ = zip_directory(lambda start, size: buffer[start : start + size], len(buffer))
-    return {name: (method, data_start(buffer, local, local, name), plain)
-            for name, (method, local, plain) in members.items()}
+    directory, count, offset = _central_directory(lambda start, size: buffer[start : start + size],
+                                                  len(buffer))
+    plain = _plain_directory(directory, count, offset)
+    if plain is not None and (starts := _data_starts(buffer, plain.local)) is not None:
+        return dict(zip(plain.names, zip(plain.method.tolist(), starts, plain.size.tolist())))
+    members = plain.members() if plain is not None else _directory_entries(directory, count, offset)
+    return {name: (method, data_start(buffer, local, local, name), size)
+            for name, (method, local, size) in members.items()}
 
 
 def zip_directory(read: Callable[[int, int], bytes | memoryview], size: int
@@ -44,6 +54,15 @@ def zip_directory(read: Callable[[int, int], bytes | memoryview], size: int
     file's members can be found without reading the file.  Raises
     ``ValueError`` or ``struct.error`` on any inconsistency.
     """
+    directory, count, offset = _central_directory(read, size)
+    plain = _plain_directory(directory, count, offset)
+    return (plain.members() if plain is not None else _directory_entries(directory, count, offset),
+            offset)
+
+
+def _central_directory(read: Callable[[int, int], bytes | memoryview], size: int
+                       ) -> tuple[bytes | memoryview, int, int]:
+    """The central directory's bytes, its entry count and where it starts (see :func:`zip_directory`)."""
     search = max(0, size - _END.size - 0xFFFF)  # the end record and its comment
     first = max(0, search - _END64_LOCATOR.size)  # and the zip64 locator before it
     tail = bytes(read(first, size - first))
@@ -74,7 +93,13 @@ def zip_directory(read: Callable[[int, int], bytes | memoryview], size: int
         count, length, offset = record[7], record[8], record[9]
     if offset + length > first + end:
         raise ValueError("the central directory runs past its end record")
-    directory = read(offset, length)
+    return read(offset, length), count, offset
+
+
+def _directory_entries(directory: bytes | memoryview, count: int, offset: int
+                       ) -> dict[str, tuple[int, int, int]]:
+    """The ``count`` entries of a central directory that starts at byte ``offset``, one by one."""
+    length = len(directory)
     entries = {}
     position = 0
     for _ in range(count):
@@ -107,7 +132,7 @@ def zip_directory(read: Callable[[int, int], bytes | memoryview], size: int
         raise ValueError("the central directory's entries run past its size")
     if len(entries) != count:
         raise ValueError("two members share a name")
-    return entries, offset
+    return entries
 
 
 def data_start(header: bytes | memoryview, at: int, local: int, name: str) -> int:
@@ -131,3 +156,90 @@ def _zip64_extra(extra: bytes, *fields: int) -> tuple[int, ...]:
             return tuple(values.pop(0) if f == 0xFFFFFFFF else f for f in fields)
         position += 4 + length
     raise ValueError("a zip64 member without its zip64 extra field")
+
+
+# --- the common case, at numpy speed ------------------------------------------------------------
+#
+# An ESM file has a member per row.  When every entry of its central
+# directory is a plain one (no zip64 fields, no folder, nothing a check above
+# refuses), the entries are read as one array.  Anything else, and any doubt,
+# returns None: the loop above then reads them one by one and names the fault.
+
+_CENTRAL_ARRAY = np.dtype([
+    ("signature", "V4"), ("made_by", "<u2"), ("needed", "<u2"), ("flags", "<u2"), ("method", "<u2"),
+    ("time", "<u2"), ("date", "<u2"), ("crc", "<u4"), ("compressed", "<u4"), ("plain", "<u4"),
+    ("name_length", "<u2"), ("extra_length", "<u2"), ("comment_length", "<u2"), ("disk", "<u2"),
+    ("internal", "<u2"), ("attributes", "<u4"), ("local", "<u4"),
+])
+_LOCAL_ARRAY = np.dtype([("signature", "V4"), ("fields", "V22"), ("name_length", "<u2"),
+                         ("extra_length", "<u2")])
+assert _CENTRAL_ARRAY.itemsize == _CENTRAL.size and _LOCAL_ARRAY.itemsize == _LOCAL.size
+
+
+class _PlainDirectory(NamedTuple):
+    """A central directory's entries as arrays: names, methods, local header offsets, sizes."""
+
+    names: list[str]
+    method: np.ndarray
+    local: np.ndarray
+    size: np.ndarray
+
+    def members(self) -> dict[str, tuple[int, int, int]]:
+        """Name -> (method, local header offset, size), as :func:`zip_directory` gives them."""
+        return dict(zip(self.names, zip(self.method.tolist(), self.local.tolist(), self.size.tolist())))
+
+
+def _records_at(raw: np.ndarray, starts: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """The fixed-size records of ``dtype`` at byte positions ``starts`` of ``raw`` (all inside it)."""
+    windows = np.lib.stride_tricks.sliding_window_view(raw, dtype.itemsize)
+    return windows[starts].view(dtype)[:, 0]
+
+
+def _plain_directory(directory: bytes | memoryview, count: int, offset: int) -> _PlainDirectory | None:
+    """What :func:`_directory_entries` finds, if every entry is plain; else None.
+
+    The entries are where the signatures are: those positions must chain,
+    each entry ending where the next begins, so a signature inside a name
+    or comment sends the directory to the loop, and so does a name that
+    :func:`~.textspans.decode_spans` cannot take.
+    """
+    raw = np.frombuffer(directory, np.uint8)
+    if count < 2 or len(raw) < _CENTRAL.size * count:
+        return None
+    starts = np.flatnonzero(raw[:-3] == 0x50)
+    starts = starts[(raw[starts + 1] == 0x4B) & (raw[starts + 2] == 1) & (raw[starts + 3] == 2)]
+    if len(starts) != count or starts[0] != 0 or starts[-1] > len(raw) - _CENTRAL.size:
+        return None
+    entries = _records_at(raw, starts, _CENTRAL_ARRAY)
+    name_starts = starts + _CENTRAL.size
+    name_ends = name_starts + entries["name_length"]
+    ends = name_ends + entries["extra_length"] + entries["comment_length"]
+    if ends[-1] > len(raw) or (ends[:-1] != starts[1:]).any():
+        return None
+    wide = 0xFFFFFFFF
+    if ((entries["disk"] != 0) | (entries["flags"] & 0xF7F1 != 0)  # the flags the loop refuses
+            | (entries["attributes"] & _DOS_DIRECTORY != 0)
+            | (entries["compressed"] == wide) | (entries["plain"] == wide) | (entries["local"] == wide)
+            | ((entries["method"] == 0) & (entries["compressed"] != entries["plain"]))
+            | (entries["local"].astype(np.int64) > offset - _LOCAL.size)
+            | (entries["name_length"] == 0) | (raw[name_ends - 1] == ord("/"))).any():
+        return None
+    names = decode_spans(raw, name_starts, entries["name_length"])
+    if len(names) != count:
+        return None
+    if len(set(names)) != count:
+        return None
+    return _PlainDirectory(names, entries["method"], entries["local"], entries["plain"])
+
+
+def _data_starts(buffer: bytes | memoryview, local: np.ndarray) -> list[int] | None:
+    """Where each member's data starts (see :func:`data_start`), from its local header at
+    byte ``local``, if every local header is sound; else None."""
+    raw = np.frombuffer(buffer, np.uint8)
+    local = local.astype(np.int64)
+    if local.max() > len(raw) - _LOCAL.size:
+        return None
+    headers = _records_at(raw, local, _LOCAL_ARRAY)
+    if (headers["signature"] != np.void(b"PK\x03\x04")).any():
+        return None
+    return (local + _LOCAL.size + headers["name_length"] + headers["extra_length"]).tolist()
