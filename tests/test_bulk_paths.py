@@ -32,7 +32,9 @@ def _zip_outcome(raw: bytes, *, bulk: bool) -> tuple:
     """zip_entries, zip_directory and TorchArchive's records of ``raw``, or their errors."""
     outcomes = []
     with pytest.MonkeyPatch.context() as patch:
-        if not bulk:
+        if bulk:  # the test archives are small: take the bulk path from two entries on
+            patch.setattr(zipdir, "BULK_ENTRIES", 2)
+        else:
             patch.setattr(zipdir, "_plain_directory", lambda *args: None)
             patch.setattr(zipdir, "_data_starts", lambda *args: None)
             patch.setattr(archive, "_plain_records", lambda *args: None)
@@ -77,10 +79,21 @@ def test_the_bulk_zip_directory_reads_what_the_loop_reads(zip_archives):
         bulk = _zip_outcome(raw, bulk=True)
         assert bulk == _zip_outcome(raw, bulk=False), name
         assert bulk[0][0] == "ok" and bulk[2][0] == "ok", (name, bulk)
-    # The ESM file takes the bulk path; the odd archive, whose names hold a
-    # signature and a NUL, the loop.
-    assert zipdir._plain_directory(*_directory_of(zip_archives["esm"])) is not None
-    assert zipdir._plain_directory(*_directory_of(zip_archives["odd"])) is None
+    # The ESM file can take the bulk path; the odd archive, whose names hold a
+    # signature and a NUL, takes the loop.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(zipdir, "BULK_ENTRIES", 2)
+        assert zipdir._plain_directory(*_directory_of(zip_archives["esm"])) is not None
+        assert zipdir._plain_directory(*_directory_of(zip_archives["odd"])) is None
+
+
+def test_only_large_directories_take_the_bulk_path(tmp_path):
+    # Its numpy calls cost more than the loop over the handful of entries of a small pair.
+    small = make_pair(tmp_path, "small", rows=10, nucleotide_width=3, protein_width=5)
+    large = make_pair(tmp_path, "large", rows=zipdir.BULK_ENTRIES, nucleotide_width=3, protein_width=5)
+    for path, bulk in [(small.protein, False), (small.nucleotide, False), (large.protein, True)]:
+        raw = open(path, "rb").read()
+        assert (zipdir._plain_directory(*_directory_of(raw)) is not None) is bulk, path
 
 
 def _directory_of(raw: bytes) -> tuple:
