@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import FileFormatError
 from .refs import ORDERED_DICT, STORAGE_DTYPES, FloatRun, Global, StorageRef, TensorRef, known_location
-from .runs import MAX_TEMPLATES, row_run, string_run, tensor_run, tensor_run_layout
+from .runs import LONG_PUTS, MAX_TEMPLATES, row_run, string_run, tensor_run, tensor_run_layout
 
 # Opcodes, as the integers that indexing a bytes object gives.
 APPENDS = ord("e")
@@ -132,7 +132,7 @@ class RecordFastPaths:
             # one that stopped it here.  Runs cut short early cost a search
             # each for little: a file that makes many (a forged one can) goes
             # one by one from then on.
-            if index > 0xFF and self.runs and self._short_string_runs < _MAX_SHORT_STRING_RUNS:
+            if index >= LONG_PUTS and self.runs and self._short_string_runs < _MAX_SHORT_STRING_RUNS:
                 names, pos = string_run(self, pos, memo)
                 stack += names
                 index += len(names)
@@ -181,7 +181,7 @@ class RecordFastPaths:
         values = [run]
         row = {label_key: seq_id, values_key: values}
         memo[first], memo[first + 1] = row, values
-        if not self.runs:
+        if not self.runs or len(memo) < LONG_PUTS:
             return [row], end + 2
         rows, end = row_run(self, label_get, values_get, (label_key, values_key), run.count, end + 2, memo)
         return [row, *rows], end
@@ -221,7 +221,7 @@ class RecordFastPaths:
         hooks = {}
         args = (storage, offset, shape, strides, False, hooks)
         memo.update(zip(range(first, first + 7), (key, pid, shape, strides, hooks, args, tensor)))
-        if not self.runs:
+        if not self.runs or len(memo) < LONG_PUTS:
             return [tensor], match.end()
         layout = self._run_layouts.get((get, shared))
         if layout is None:

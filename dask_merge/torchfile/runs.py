@@ -25,8 +25,13 @@ import numpy as np
 from .refs import FloatRun, TensorRef, make_many
 from .textspans import decode_spans
 
-# Runs use only LONG_BINPUT puts (memo indices from 256 on): a file of a few
-# hundred rows or more, where speed matters, has its rows there.
+LONG_PUTS = 256
+"""The memo index from which a pickler writes its puts as LONG_BINPUT.
+
+Runs are of such records only: a file of a few hundred rows or more, where
+speed matters, has its rows there, and a smaller file need not pay for
+looking for runs at all.
+"""
 _PUT, _LENGTH, _KEY = "put", "length", "key"
 _PIECES = {_PUT: rb"r.{4}", _LENGTH: rb"[\x01-\x14]\x00\x00\x00", _KEY: rb"([0-9]+)"}
 _SIZES = {_PUT: 5, _LENGTH: 4}
