@@ -15,21 +15,10 @@ import torch
 from dask_merge import FileFormatError, MispairedError, UnsafeFileError, merge_pair
 from dask_merge import h5source
 from dask_merge.testing import (
-    fork_convert, make_h5_dataset, make_pair, reference_merge, write_embeddings_h5,
+    fork_convert, fork_merged, make_h5_dataset, make_pair, reference_merge, write_embeddings_h5,
 )
 
 NARROW = {"nucleotide_width": 8, "protein_width": 48}
-
-
-def _fork_outputs(tmp_path: Path, sample) -> dict[str, bytes]:
-    """The bytes of each merged file the fork's convert-then-merge path makes."""
-    esm, out = tmp_path / "fork-esm", tmp_path / "fork-merged"
-    esm.mkdir()
-    out.mkdir()
-    fork_convert(sample.files, {p.stem: p.protein_ids for p in sample.pairs}, esm)
-    return {p.stem: Path(merge_pair(p.nucleotide, esm / f"{p.stem}_ESM.pt",
-                                    out / f"{p.stem}_merged.pt", label="viral").output).read_bytes()
-            for p in sample.pairs}
 
 
 @pytest.mark.parametrize("shards, compression, chunks", [
@@ -40,7 +29,7 @@ def test_merging_from_hdf5_equals_the_forks_convert_then_merge_path(tmp_path, sh
                                                                      chunks):
     sample = make_h5_dataset(tmp_path / "features", tmp_path / "esm", pairs=3, rows=150,
                              shards=shards, compression=compression, chunks=chunks, **NARROW)
-    expected = _fork_outputs(tmp_path, sample)
+    expected = fork_merged(sample.files, sample.pairs, tmp_path / "fork", label="viral")
     (tmp_path / "merged").mkdir()
     for pair in sample.pairs:
         result = merge_pair(pair.nucleotide, sample.protein,
