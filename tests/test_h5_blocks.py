@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import tracemalloc
 from pathlib import Path
 
 import h5py
@@ -77,21 +76,6 @@ def test_every_layout_gives_the_forks_bytes_directly_or_not(tmp_path, monkeypatc
     expected = fork_merged([plain], [pair], tmp_path / "fork")
     assert _ours(tmp_path, [pair], path) == expected
     assert _direct(pair.nucleotide, path) is direct
-
-
-def test_a_pair_holds_one_block_of_rows_not_its_own(tmp_path, monkeypatch):
-    sample = make_h5_dataset(tmp_path / "f", tmp_path / "e", pairs=6, rows=300,
-                             nucleotide_width=8, protein_width=2560)
-    monkeypatch.setattr(merge, "BLOCK_BYTES", 256 << 10)
-    merge_pair(sample.pairs[0].nucleotide, sample.protein, tmp_path / "warm_merged.pt")
-    tracemalloc.start()
-    try:
-        merge_pair(sample.pairs[3].nucleotide, sample.protein, tmp_path / "x_merged.pt")
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    one_pair = 300 * 2560 * 4  # 3 MB of protein rows
-    assert peak < one_pair / 2, peak
 
 
 def test_a_file_changed_between_blocks_is_named_not_read(tmp_path, monkeypatch):
