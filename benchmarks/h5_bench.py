@@ -18,8 +18,10 @@ dask      ``dask-merge run --protein-h5 embeddings.h5`` on 2 workers.
 Outputs of the two are compared byte for byte.  Each run also says where its
 memory went: per process of the tree (the command, the pool's fork server,
 its resource tracker, each worker) its RSS at the tree's peak and its own
-peak, and the load average before and after.  ``--only dask`` runs one path
-alone, for that breakdown.  Results go to benchmarks/results/h5-*.json.
+peak, the CPU seconds of the tree, and the load average before and after.
+``--only dask`` runs one path alone, for that breakdown; ``--baseline DIR``
+also runs the dask path from another checkout, interleaved.  Results go to
+benchmarks/results/h5-*.json.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ def role(proc: psutil.Process, root: psutil.Process) -> str:
     return "other"
 
 
-def tree_rss(root: psutil.Process, roles: dict[int, str]) -> dict[int, int]:
-    """RSS of each process of the tree, by pid; ``roles`` learns each new pid's role."""
+def tree_rss(root: psutil.Process, roles: dict[int, str], cpu: dict[int, float]) -> dict[int, int]:
+    """RSS of each process of the tree, by pid; ``roles`` learns each new pid's role, ``cpu``
+    the CPU seconds (user + system) each has used so far."""
     try:
         tree = [root, *root.children(recursive=True)]
     except psutil.Error:  # a process of the tree exited while it was being listed
@@ -71,6 +74,7 @@ def tree_rss(root: psutil.Process, roles: dict[int, str]) -> dict[int, int]:
     for proc in tree:
         try:
             found[proc.pid] = proc.memory_info().rss
+            cpu[proc.pid] = sum(proc.cpu_times()[:2])
         except psutil.Error:  # exited between listing and reading
             continue
         if proc.pid not in roles:
@@ -78,13 +82,14 @@ def tree_rss(root: psutil.Process, roles: dict[int, str]) -> dict[int, int]:
     return found
 
 
-def timed(commands: list[list[str]]) -> tuple[float, int, dict]:
+def timed(commands: list[list[str]], **popen) -> tuple[float, int, dict]:
     """Run ``commands`` one after another: wall seconds, the peak RSS of each tree, and where
     it went: per role (client, fork server, resource tracker, workers) the largest RSS a
-    process of that role reached, and the split of the tree's total at its peak."""
-    peak, start, breakdown = 0, time.perf_counter(), {}
+    process of that role reached, and the split of the tree's total at its peak; and the CPU
+    seconds of every process (as last sampled, up to 20 ms short of each one's end)."""
+    peak, start, breakdown, cpu = 0, time.perf_counter(), {}, {}
     for command in commands:
-        proc = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
         done = threading.Event()
         roles: dict[int, str] = {}
         worst: dict[int, int] = {}
@@ -92,7 +97,7 @@ def timed(commands: list[list[str]]) -> tuple[float, int, dict]:
 
         def sample(proc=proc, done=done, roles=roles, worst=worst, at_peak=at_peak) -> None:
             while not done.is_set():
-                found = tree_rss(proc, roles)
+                found = tree_rss(proc, roles, cpu)
                 for pid, rss in found.items():
                     worst[pid] = max(worst.get(pid, 0), rss)
                 if sum(found.values()) > at_peak[0]:
@@ -111,6 +116,7 @@ def timed(commands: list[list[str]]) -> tuple[float, int, dict]:
             breakdown = {"command": " ".join(map(str, command[:2])),
                          "at_peak_mib": _by_role(at_peak[1], roles),
                          "process_peaks_mib": _by_role(worst, roles)}
+    breakdown["cpu_s"] = round(sum(cpu.values()), 1)
     return time.perf_counter() - start, peak, breakdown
 
 
@@ -159,21 +165,34 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--only", choices=["fork", "dask"],
                         help="Run one path alone: where its memory goes, no comparison.")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="Also run the dask path from the checkout DIR (e.g. a `git archive "
+                             "main`), interleaved: a change judged against its predecessor.")
     args = parser.parse_args()
     data = HERE / "data" / f"v2-{args.chunks}x{args.rows}"
     make_data(data, args.chunks, args.rows)
-    results: dict[str, list[tuple[float, int, dict]]] = {"fork": [], "dask": []}
+    paths = [("fork", fork, {}), ("dask", ours, {})]
+    if args.baseline:
+        # Its own checkout first on the path of the client and (through the
+        # fork server's current folder) of the pool's workers.
+        where = str(args.baseline.resolve())
+        paths.append(("baseline", ours, {"cwd": where, "env": {**os.environ, "PYTHONPATH": where}}))
+    results: dict[str, list[tuple[float, int, dict]]] = {name: [] for name, _, _ in paths}
     for i in range(args.repeat):
-        for name, commands in (("fork", fork), ("dask", ours)):  # alternating, side by side
+        # Alternating, side by side; the paths after the fork's take turns to
+        # come first, and each starts with the writes before it flushed.
+        for name, commands, popen in paths[:1] + paths[1:][::1 - 2 * (i % 2)]:
             if args.only not in (None, name):
                 continue
             work = HERE / "data" / f"v2-run-{name}"
             shutil.rmtree(work, ignore_errors=True)
+            os.sync()
             load = os.getloadavg()[0]
-            results[name].append(timed(commands(data, work / "merged", work)))
+            results[name].append(timed(commands(data, work / "merged", work), **popen))
             seconds, peak, where = results[name][-1]
             where["load"] = [round(load, 1), round(os.getloadavg()[0], 1)]
-            print(f"run {i + 1} {name}: {seconds:.1f} s, {peak / 2**20:.0f} MiB peak, load "
+            print(f"run {i + 1} {name}: {seconds:.1f} s, {where['cpu_s']} CPU s, "
+                  f"{peak / 2**20:.0f} MiB peak, load "
                   f"{where['load'][0]} -> {where['load'][1]}; "
                   f"at the peak {where['at_peak_mib']}, "
                   f"each process's own peak {where['process_peaks_mib']}", flush=True)
@@ -184,14 +203,23 @@ def main() -> None:
                                      HERE / "data" / "v2-run-dask" / "merged" / n, shallow=False)
                          for n in names)
     summary = {name: {"seconds": statistics.median(t for t, _, _ in runs),
+                      "cpu_seconds": statistics.median(w["cpu_s"] for _, _, w in runs),
                       "peak_mib": statistics.median(m for _, m, _ in runs) / 2**20, "runs": runs}
                for name, runs in results.items()}
     summary["speedup"] = summary["fork"]["seconds"] / summary["dask"]["seconds"]
+    summary["speedup_cpu"] = summary["fork"]["cpu_seconds"] / summary["dask"]["cpu_seconds"]
+    if args.baseline:  # paired, run by run: dask over its baseline
+        pairs = list(zip(results["dask"], results["baseline"]))
+        summary["vs_baseline"] = {
+            "wall": [round(d[0] / b[0], 2) for d, b in pairs],
+            "cpu": [round(d[2]["cpu_s"] / b[2]["cpu_s"], 2) for d, b in pairs],
+            "peak": [round(d[1] / b[1], 2) for d, b in pairs],
+        }
     summary["memory_ratio"] = summary["dask"]["peak_mib"] / summary["fork"]["peak_mib"]
     summary["identical_outputs"] = bool(same) and len(names) == args.chunks
     summary["sequences"] = args.chunks * args.rows
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("fork", "dask")}, indent=1))
-    print({k: {m: round(v, 1) for m, v in summary[k].items() if m != "runs"} for k in ("fork", "dask")})
+    print(json.dumps({k: v for k, v in summary.items() if k not in results}, indent=1))
+    print({k: {m: round(v, 1) for m, v in summary[k].items() if m != "runs"} for k in results})
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / f"h5-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(summary))
 
