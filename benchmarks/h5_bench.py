@@ -15,7 +15,12 @@ fork      ``python -c fork_convert(...)``: every id and vector of embeddings.h5
           ``dask-merge run --protein-dir`` on 2 workers.
 dask      ``dask-merge run --protein-h5 embeddings.h5`` on 2 workers.
 
-Outputs of the two are compared byte for byte.  Results go to
+Outputs of the two are compared byte for byte.  Each run also says where its
+memory went: per process of the tree (the command, the pool's fork server,
+its resource tracker, each worker) its RSS at the tree's peak and its own
+peak, the CPU seconds of the tree, and the load average before and after.
+``--only dask`` runs one path alone, for that breakdown; ``--baseline DIR``
+also runs the dask path from another checkout, interleaved.  Results go to
 benchmarks/results/h5-*.json.
 """
 
@@ -24,6 +29,7 @@ from __future__ import annotations
 import argparse
 import filecmp
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -38,31 +44,64 @@ HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 
 
-def tree_rss(root: psutil.Process) -> int:
-    total = 0
+def role(proc: psutil.Process, root: psutil.Process) -> str:
+    """What a process of the tree is: the command, the pool's fork server, a worker, ..."""
+    if proc.pid == root.pid:
+        return "client"
+    try:
+        line = " ".join(proc.cmdline())
+        parent = proc.parent()
+        parent_line = " ".join(parent.cmdline()) if parent is not None else ""
+    except psutil.Error:
+        return "other"
+    if "resource_tracker" in line:
+        return "resource tracker"
+    if "forkserver" in parent_line:
+        return "worker"
+    if "forkserver" in line:
+        return "fork server"
+    return "other"
+
+
+def tree_rss(root: psutil.Process, roles: dict[int, str], cpu: dict[int, float]) -> dict[int, int]:
+    """RSS of each process of the tree, by pid; ``roles`` learns each new pid's role, ``cpu``
+    the CPU seconds (user + system) each has used so far."""
     try:
         tree = [root, *root.children(recursive=True)]
     except psutil.Error:  # a process of the tree exited while it was being listed
         tree = [root]
+    found = {}
     for proc in tree:
         try:
-            total += proc.memory_info().rss
+            found[proc.pid] = proc.memory_info().rss
+            cpu[proc.pid] = sum(proc.cpu_times()[:2])
         except psutil.Error:  # exited between listing and reading
-            pass
-    return total
+            continue
+        if proc.pid not in roles:
+            roles[proc.pid] = role(proc, root)
+    return found
 
 
-def timed(commands: list[list[str]]) -> tuple[float, int]:
-    """Run ``commands`` one after another; wall seconds and the peak RSS of each tree."""
-    peak, start = 0, time.perf_counter()
+def timed(commands: list[list[str]], **popen) -> tuple[float, int, dict]:
+    """Run ``commands`` one after another: wall seconds, the peak RSS of each tree, and where
+    it went: per role (client, fork server, resource tracker, workers) the largest RSS a
+    process of that role reached, and the split of the tree's total at its peak; and the CPU
+    seconds of every process (as last sampled, up to 20 ms short of each one's end)."""
+    peak, start, breakdown, cpu = 0, time.perf_counter(), {}, {}
     for command in commands:
-        proc = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = psutil.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
         done = threading.Event()
-        peaks = [0]
+        roles: dict[int, str] = {}
+        worst: dict[int, int] = {}
+        at_peak: list = [0, {}]
 
-        def sample(proc=proc, done=done, peaks=peaks) -> None:
+        def sample(proc=proc, done=done, roles=roles, worst=worst, at_peak=at_peak) -> None:
             while not done.is_set():
-                peaks[0] = max(peaks[0], tree_rss(proc))
+                found = tree_rss(proc, roles, cpu)
+                for pid, rss in found.items():
+                    worst[pid] = max(worst.get(pid, 0), rss)
+                if sum(found.values()) > at_peak[0]:
+                    at_peak[:] = [sum(found.values()), found]
                 time.sleep(0.02)
 
         sampler = threading.Thread(target=sample)
@@ -72,8 +111,21 @@ def timed(commands: list[list[str]]) -> tuple[float, int]:
         sampler.join()
         if proc.returncode:
             sys.exit(f"{command[:3]} failed:\n{err.decode()[-2000:]}")
-        peak = max(peak, peaks[0])
-    return time.perf_counter() - start, peak
+        if at_peak[0] > peak:
+            peak = at_peak[0]
+            breakdown = {"command": " ".join(map(str, command[:2])),
+                         "at_peak_mib": _by_role(at_peak[1], roles),
+                         "process_peaks_mib": _by_role(worst, roles)}
+    breakdown["cpu_s"] = round(sum(cpu.values()), 1)
+    return time.perf_counter() - start, peak, breakdown
+
+
+def _by_role(rss: dict[int, int], roles: dict[int, str]) -> dict[str, list[float]]:
+    """MiB by role, one figure per process, in pid order."""
+    out: dict[str, list[float]] = {}
+    for pid in sorted(rss):
+        out.setdefault(roles.get(pid, "other"), []).append(round(rss[pid] / 2**20, 1))
+    return out
 
 
 def make_data(folder: Path, chunks: int, rows: int) -> None:
@@ -111,30 +163,63 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=20)
     parser.add_argument("--rows", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--only", choices=["fork", "dask"],
+                        help="Run one path alone: where its memory goes, no comparison.")
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="Also run the dask path from the checkout DIR (e.g. a `git archive "
+                             "main`), interleaved: a change judged against its predecessor.")
     args = parser.parse_args()
     data = HERE / "data" / f"v2-{args.chunks}x{args.rows}"
     make_data(data, args.chunks, args.rows)
-    results: dict[str, list[tuple[float, int]]] = {"fork": [], "dask": []}
+    paths = [("fork", fork, {}), ("dask", ours, {})]
+    if args.baseline:
+        # Its own checkout first on the path of the client and (through the
+        # fork server's current folder) of the pool's workers.
+        where = str(args.baseline.resolve())
+        paths.append(("baseline", ours, {"cwd": where, "env": {**os.environ, "PYTHONPATH": where}}))
+    results: dict[str, list[tuple[float, int, dict]]] = {name: [] for name, _, _ in paths}
     for i in range(args.repeat):
-        for name, commands in (("fork", fork), ("dask", ours)):  # alternating, side by side
+        # Alternating, side by side; the paths after the fork's take turns to
+        # come first, and each starts with the writes before it flushed.
+        for name, commands, popen in paths[:1] + paths[1:][::1 - 2 * (i % 2)]:
+            if args.only not in (None, name):
+                continue
             work = HERE / "data" / f"v2-run-{name}"
             shutil.rmtree(work, ignore_errors=True)
-            results[name].append(timed(commands(data, work / "merged", work)))
-            print(f"run {i + 1} {name}: {results[name][-1][0]:.1f} s, "
-                  f"{results[name][-1][1] / 2**20:.0f} MiB peak", flush=True)
+            os.sync()
+            load = os.getloadavg()[0]
+            results[name].append(timed(commands(data, work / "merged", work), **popen))
+            seconds, peak, where = results[name][-1]
+            where["load"] = [round(load, 1), round(os.getloadavg()[0], 1)]
+            print(f"run {i + 1} {name}: {seconds:.1f} s, {where['cpu_s']} CPU s, "
+                  f"{peak / 2**20:.0f} MiB peak, load "
+                  f"{where['load'][0]} -> {where['load'][1]}; "
+                  f"at the peak {where['at_peak_mib']}, "
+                  f"each process's own peak {where['process_peaks_mib']}", flush=True)
+    if args.only:
+        return
     names = sorted(p.name for p in (HERE / "data" / "v2-run-fork" / "merged").glob("*_merged.pt"))
     same = names and all(filecmp.cmp(HERE / "data" / "v2-run-fork" / "merged" / n,
                                      HERE / "data" / "v2-run-dask" / "merged" / n, shallow=False)
                          for n in names)
-    summary = {name: {"seconds": statistics.median(t for t, _ in runs),
-                      "peak_mib": statistics.median(m for _, m in runs) / 2**20, "runs": runs}
+    summary = {name: {"seconds": statistics.median(t for t, _, _ in runs),
+                      "cpu_seconds": statistics.median(w["cpu_s"] for _, _, w in runs),
+                      "peak_mib": statistics.median(m for _, m, _ in runs) / 2**20, "runs": runs}
                for name, runs in results.items()}
     summary["speedup"] = summary["fork"]["seconds"] / summary["dask"]["seconds"]
+    summary["speedup_cpu"] = summary["fork"]["cpu_seconds"] / summary["dask"]["cpu_seconds"]
+    if args.baseline:  # paired, run by run: dask over its baseline
+        pairs = list(zip(results["dask"], results["baseline"]))
+        summary["vs_baseline"] = {
+            "wall": [round(d[0] / b[0], 2) for d, b in pairs],
+            "cpu": [round(d[2]["cpu_s"] / b[2]["cpu_s"], 2) for d, b in pairs],
+            "peak": [round(d[1] / b[1], 2) for d, b in pairs],
+        }
     summary["memory_ratio"] = summary["dask"]["peak_mib"] / summary["fork"]["peak_mib"]
     summary["identical_outputs"] = bool(same) and len(names) == args.chunks
     summary["sequences"] = args.chunks * args.rows
-    print(json.dumps({k: v for k, v in summary.items() if k not in ("fork", "dask")}, indent=1))
-    print({k: {m: round(v, 1) for m, v in summary[k].items() if m != "runs"} for k in ("fork", "dask")})
+    print(json.dumps({k: v for k, v in summary.items() if k not in results}, indent=1))
+    print({k: {m: round(v, 1) for m, v in summary[k].items() if m != "runs"} for k in results})
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / f"h5-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(summary))
 

@@ -1,15 +1,23 @@
 """Reading rows of an untrusted HDF5 ``embeddings`` dataset, bounded in memory and time.
 
-Without filters, rows are read with hyperslab reads of at most
-:data:`SLAB_BYTES`.  With gzip (and shuffle), each chunk is read raw and
-inflated here, never past its declared size: a compression bomb costs the
-bytes of one chunk, not what it would inflate to.  Any other filter is
-refused before anything is read, so that no filter plugin is ever loaded.
+Where a row's values are its bytes in the file (no filter, little-endian
+float32, stored contiguously or in chunks of whole rows, no user block),
+:meth:`Embeddings.byte_offsets` finds where each row lies, and
+:func:`read_rows_at` reads rows from there straight into their place in a
+caller's array, any number at a time: a merge then holds no more rows than
+one block of its output.  Otherwise, without filters, rows are read with
+hyperslab reads of at most :data:`SLAB_BYTES`.  With gzip (and shuffle),
+each chunk is read raw and inflated here, never past its declared size: a
+compression bomb costs the bytes of one chunk, not what it would inflate to.
+Any other filter is refused before anything is read, so that no filter
+plugin is ever loaded.
 """
 
 from __future__ import annotations
 
+import os
 import zlib
+from collections.abc import Sequence
 
 import h5py
 import numpy as np
@@ -22,6 +30,7 @@ MIN_CHUNK_BYTES = 1 << 10  # or one row: smaller, a row spreads over too many ch
 MAX_BAND_BYTES = 64 << 20  # one row of chunks, assembled to copy rows out of it
 SLAB_BYTES = 8 << 20  # one hyperslab read
 GAP_ROWS = 16  # unneeded rows read rather than start another slab
+IOV_MAX = 1024  # buffers one preadv call may fill (POSIX's least IOV_MAX is 16; Linux's 1024)
 _FILTERS = {h5py.h5z.FILTER_DEFLATE: "gzip", h5py.h5z.FILTER_SHUFFLE: "shuffle"}
 
 
@@ -60,6 +69,60 @@ class Embeddings:
         except OSError as err:  # HDF5's own errors: a truncated or corrupt file
             raise FileFormatError(f"{self.where}: cannot be read, corrupt or truncated "
                                   f"({err})") from None
+
+    def byte_offsets(self, rows: np.ndarray) -> np.ndarray | None:
+        """Where in the file each of ``rows`` (sorted, unique, in range) starts, or None.
+
+        None unless every row's ``4 * width`` bytes in the file are its
+        float32 values, little-endian as this machine's: no filter, storage contiguous or in
+        chunks of whole rows, every chunk needed written, no user block (HDF5
+        before 1.14.4 gives chunk addresses without it).  The first row is
+        read both ways and compared, so that a layout misread here costs the
+        fast path, never a wrong value.
+
+        Raises
+        ------
+        FileFormatError
+            A chunk of another size than its rows, or the first row past the
+            end of the file (:func:`read_rows_at` finds any other).
+        """
+        ds = self.ds
+        if self.filters or not ds.dtype == np.dtype(np.float32) == np.dtype("<f4") \
+                or ds.file.userblock_size or not hasattr(os, "preadv") or not len(rows):
+            return None
+        row_bytes = 4 * self.width
+        layout = ds.id.get_create_plist().get_layout()
+        if layout == h5py.h5d.CONTIGUOUS:
+            start = ds.id.get_offset()
+            if start is None:
+                return None
+            offsets = start + rows * row_bytes
+        elif layout == h5py.h5d.CHUNKED and self.chunks[1] == self.width:
+            offsets = self._chunked_offsets(rows, row_bytes)
+            if offsets is None:
+                return None
+        else:
+            return None
+        first = np.empty((1, self.width), np.float32)
+        read_rows_at(ds.file.id.get_vfd_handle(), offsets[:1], first, [0], self.where)
+        if first.tobytes() != ds[int(rows[0])].tobytes():
+            return None
+        return offsets
+
+    def _chunked_offsets(self, rows: np.ndarray, row_bytes: int) -> np.ndarray | None:
+        band_rows = self.chunks[0]
+        bands, which = np.unique(rows // band_rows, return_inverse=True)
+        starts = np.empty(len(bands), np.int64)
+        size = band_rows * row_bytes
+        for i, band in enumerate(bands.tolist()):
+            info = self.ds.id.get_chunk_info_by_coord((band * band_rows, 0))
+            if info.byte_offset is None:  # never written: HDF5 reads the fill value
+                return None
+            if info.size != size:
+                raise FileFormatError(f"{self.where}: the chunk at {(band * band_rows, 0)} "
+                                      f"stores {info.size} bytes, not its {size}")
+            starts[i] = info.byte_offset
+        return starts[which] + rows % band_rows * row_bytes
 
     def _read_slabs(self, rows: np.ndarray, out: np.ndarray) -> None:
         most = max(1, SLAB_BYTES // (4 * self.width))
@@ -125,6 +188,34 @@ class Embeddings:
         if not inflate.eof:
             raise FileFormatError(f"{self.where}: the chunk at {offset} is truncated")
         return plain
+
+
+def read_rows_at(fd: int, offsets: np.ndarray, out: np.ndarray, into: Sequence[int],
+                 where: str) -> None:
+    """Read the row at byte ``offsets[k]`` of ``fd`` into ``out[into[k]]``, for each ``k``.
+
+    Rows that follow one another in the file are read by one ``preadv``
+    into their places, wherever these are; ``out``'s rows must each be
+    contiguous (a column slice of a C-ordered array is).
+
+    Raises
+    ------
+    FileFormatError
+        The file ends before a row does (``where`` names it).
+    """
+    row_bytes = 4 * out.shape[1]
+    order = np.argsort(offsets, kind="stable")
+    ordered = offsets[order]
+    cuts = np.flatnonzero(np.diff(ordered) != row_bytes) + 1
+    bounds = np.concatenate([[0], cuts, [len(order)]]).tolist()
+    into = np.asarray(into)[order].tolist()
+    for first, stop in zip(bounds[:-1], bounds[1:]):
+        for start in range(first, stop, IOV_MAX):
+            end = min(stop, start + IOV_MAX)
+            at = int(ordered[start])
+            if os.preadv(fd, [out[k] for k in into[start:end]], at) != (end - start) * row_bytes:
+                raise FileFormatError(f"{where}: the file ends within the rows from byte {at:,} "
+                                      "on: truncated")
 
 
 def check_embeddings(where: str, ds: h5py.Dataset) -> None:

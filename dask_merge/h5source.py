@@ -4,14 +4,16 @@ Each file holds ``sequence_ids`` (1-D strings) and ``embeddings`` (rows x
 width float32), row ``i`` the vector of id ``i``.  A worker process opens the
 files read-only and maps ids to rows once (:func:`open_h5` keeps one index per
 process, keyed by the files' paths and fingerprints); each pair then reads
-only its own rows, sorted, in a few slab reads (:mod:`dask_merge.h5read`).
+only its own rows, a block of its output at a time, straight from where they
+lie in the file, or, where the layout does not allow that, all at once in a
+few sorted slab reads (:mod:`dask_merge.h5read`).
 
 The files are untrusted.  HDF5 runs no code, but a file can point elsewhere
 (external links, external storage, virtual datasets: refused), load filter
 plugins (only gzip and shuffle are accepted), or declare absurd sizes: widths,
 chunk and id sizes are bounded, and gzip is inflated here with a bound on its
-output.  The id index costs memory in proportion to the ids; a pair's rows
-are the rest.
+output.  The id index costs memory in proportion to the ids, some 50 bytes
+each (:mod:`dask_merge.h5ids`); a pair's rows are the rest.
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import h5py
 import numpy as np
 
 from .errors import FileFormatError, UnsafeFileError
-from .h5read import Embeddings, check_stored_in_file
+from .h5ids import IdTable
+from .h5read import Embeddings, check_stored_in_file, read_rows_at
 
 IDS, VECTORS = "sequence_ids", "embeddings"
 MAX_ID_CHARS = 4096  # a FASTA id; VirNucPro's are under 100
@@ -44,14 +47,14 @@ class _Shard:
 class _Index:
     """What a worker process keeps of the files between pairs: ids, no open file.
 
-    Files are opened for each pair's reads and closed after: a process that
-    holds none open lets the user's own h5py code rewrite them.
+    Files are opened for each read and closed after: a process that holds
+    none open lets the user's own h5py code rewrite them.  Each read checks
+    that the file is still the one the ids came from (``key``).
     """
 
     key: tuple
     shards: list[_Shard]
-    ids: list[str]
-    position: dict[str, int]
+    ids: IdTable
     width: int
 
 
@@ -105,23 +108,31 @@ def open_h5(paths: Sequence[str]) -> H5Source:
 
 def _build_index(key: tuple, paths: list[str]) -> _Index:
     shards: list[_Shard] = []
-    ids: list[str] = []
-    position: dict[str, int] = {}
     widths = {}
-    for path in paths:
-        with _open_file(path) as file:
-            embeddings = Embeddings(path, file[VECTORS])
-            _check_ids_dataset(path, file[IDS], embeddings.rows)
-            shards.append(_Shard(path, len(ids), embeddings.rows))
-            widths[path] = embeddings.width
-            for batch in _id_batches(path, file[IDS]):
-                _add_ids(shards, ids, position, batch)
+
+    def batches() -> Iterator[list[str]]:
+        for path in paths:
+            with _open_file(path) as file:
+                embeddings = Embeddings(path, file[VECTORS])
+                _check_ids_dataset(path, file[IDS], embeddings.rows)
+                shards.append(_Shard(path, sum(shard.rows for shard in shards), embeddings.rows))
+                widths[path] = embeddings.width
+                for batch in _id_batches(path, file[IDS]):
+                    yield batch
+                    if len(set(batch)) < len(batch):
+                        return  # read no further: an id twice, named below
+
+    ids = IdTable.build(batches())
+    twice = ids.duplicate()
+    if twice is not None:
+        raise FileFormatError(f"id {ids[twice[0]]!r} appears twice in {IDS!r}: "
+                              f"{_where(shards, twice[0])} and {_where(shards, twice[1])}")
     if len(set(widths.values())) > 1:
         raise FileFormatError(
             f"{', '.join(paths)}: the shards' {VECTORS!r} differ in width "
             f"({', '.join(f'{path}: {width}' for path, width in widths.items())})"
         )
-    return _Index(key, shards, ids, position, widths[paths[0]])
+    return _Index(key, shards, ids, widths[paths[0]])
 
 
 def _open_file(path: str) -> h5py.File:
@@ -184,21 +195,6 @@ def _id_batches(path: str, ds: h5py.Dataset):
         yield batch
 
 
-def _add_ids(shards: list[_Shard], ids: list[str], position: dict[str, int],
-             batch: list[str]) -> None:
-    first = len(ids)
-    ids.extend(batch)
-    position.update(zip(batch, range(first, first + len(batch))))
-    if len(position) == len(ids):
-        return
-    seen = {}
-    for row, seq_id in enumerate(ids):
-        if seq_id in seen:
-            raise FileFormatError(f"id {seq_id!r} appears twice in {IDS!r}: "
-                                  f"{_where(shards, seen[seq_id])} and {_where(shards, row)}")
-        seen[seq_id] = row
-
-
 def _where(shards: list[_Shard], row: int) -> str:
     shard = next(s for s in reversed(shards) if s.start <= row)
     return f"{shard.path} row {row - shard.start}"
@@ -206,49 +202,104 @@ def _where(shards: list[_Shard], row: int) -> str:
 
 @dataclass
 class H5Source:
-    """The HDF5 files of the whole data set as one side of a merge."""
+    """The HDF5 files of the whole data set as one side of a merge.
+
+    :meth:`prepare` finds where the pair's rows lie in the files, and
+    :meth:`fill` reads each block's rows from there straight into the
+    block: no more rows are held than one block of the output.  Where the
+    files' layout does not allow that (filters, chunks that split rows,
+    another byte order), :meth:`prepare` reads the pair's rows at once.
+    """
 
     path: str
     _index: _Index = field(repr=False)
-    _rows: np.ndarray = field(default=None, repr=False)  # sorted rows read by prepare
-    _vectors: np.ndarray = field(default=None, repr=False)
+    _rows: np.ndarray = field(default=None, repr=False)  # sorted rows :meth:`prepare` was given
+    _offsets: np.ndarray = field(default=None, repr=False)  # where each lies in its shard
+    _vectors: np.ndarray = field(default=None, repr=False)  # or its vector, read in prepare
     whole_data_set = True
 
     @property
-    def ids(self) -> list[str]:
+    def ids(self) -> IdTable:
         return self._index.ids
 
     @property
     def width(self) -> int:
         return self._index.width
 
-    def positions(self) -> Mapping[str, int]:
-        return self._index.position
+    def positions(self) -> IdTable:
+        return self._index.ids
 
     def prepare(self, rows: Sequence[int]) -> None:
-        """Read the vectors of ``rows``, shard by shard, in sorted order."""
+        """Find where ``rows`` lie, shard by shard; or, where that cannot be, read them."""
         wanted = np.unique(np.asarray(rows, np.int64))
+        shards = self._index.shards
+        cuts = np.searchsorted(wanted, [shard.start for shard in shards[1:]])
+        parts = list(zip(shards, self._index.key, np.split(wanted, cuts),
+                         np.concatenate([[0], cuts]).tolist()))
+        offsets = np.empty(len(wanted), np.int64)
+        for shard, key, part, start in parts:
+            found = _shard_offsets(shard, key, part - shard.start) if len(part) else part
+            if found is None:
+                break
+            offsets[start : start + len(part)] = found
+        else:
+            self._rows, self._offsets, self._vectors = wanted, offsets, None
+            return
         vectors = np.empty((len(wanted), self.width), np.float32)
-        bounds = [shard.start for shard in self._index.shards[1:]]
-        cuts = np.searchsorted(wanted, bounds)
-        for shard, part, start in zip(self._index.shards, np.split(wanted, cuts),
-                                      np.concatenate([[0], cuts])):
+        for shard, key, part, start in parts:
             if len(part):
-                _read_shard(shard, part - shard.start, vectors[start : start + len(part)])
-        self._rows, self._vectors = wanted, vectors
+                _read_shard(shard, key, part - shard.start, vectors[start : start + len(part)])
+        self._rows, self._offsets, self._vectors = wanted, None, vectors
 
     def fill(self, out: np.ndarray, rows: Sequence[int]) -> None:
         if not len(rows):
             return
         if self._rows is None:
             raise RuntimeError("H5Source.fill before prepare")
-        out[...] = self._vectors[np.searchsorted(self._rows, rows)]
+        at = np.searchsorted(self._rows, rows)
+        if self._vectors is not None:
+            out[...] = self._vectors[at]
+            return
+        shards = self._index.shards
+        shard_of = np.searchsorted([shard.start for shard in shards], self._rows[at], "right") - 1
+        for i in np.unique(shard_of).tolist():
+            into = np.flatnonzero(shard_of == i)
+            _read_at(shards[i], self._index.key[i], self._offsets[at[into]], out, into)
 
 
-def _read_shard(shard: _Shard, rows: np.ndarray, out: np.ndarray) -> None:
+def _opened(shard: _Shard, key: tuple, file: h5py.File) -> Embeddings:
+    """The shard's embeddings, refused if the file is no longer the one its ids came from."""
+    _check_unchanged(shard, key, os.fstat(file.id.get_vfd_handle()))
+    return Embeddings(shard.path, file[VECTORS])
+
+
+def _check_unchanged(shard: _Shard, key: tuple, found: os.stat_result) -> None:
+    """Refuse a file whose inode, size or mtime are no longer those ``key`` (:func:`_key`) saw."""
+    now = (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns)
+    if now != key[1:]:
+        raise FileFormatError(f"{shard.path}: changed while being read (replaced or rewritten "
+                              "since its ids were read)")
+
+
+def _shard_offsets(shard: _Shard, key: tuple, rows: np.ndarray) -> np.ndarray | None:
     with _open_file(shard.path) as file:
-        embeddings = Embeddings(shard.path, file[VECTORS])
-        if embeddings.rows != shard.rows:  # rewritten since this process read its ids
-            raise FileFormatError(f"{embeddings.where} changed while being read "
-                                  f"({shard.rows} rows, now {embeddings.rows})")
-        embeddings.read_rows(rows, out)
+        return _opened(shard, key, file).byte_offsets(rows)
+
+
+def _read_shard(shard: _Shard, key: tuple, rows: np.ndarray, out: np.ndarray) -> None:
+    with _open_file(shard.path) as file:
+        _opened(shard, key, file).read_rows(rows, out)
+
+
+def _read_at(shard: _Shard, key: tuple, offsets: np.ndarray, out: np.ndarray,
+             into: np.ndarray) -> None:
+    """Rows of ``shard`` at ``offsets`` into ``out[into]``, from the file its ids came from."""
+    try:
+        fd = os.open(shard.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise FileFormatError(f"{shard.path}: cannot open ({err.strerror})") from None
+    try:
+        _check_unchanged(shard, key, os.fstat(fd))
+        read_rows_at(fd, offsets, out, into, f"{shard.path}: dataset {VECTORS!r}")
+    finally:
+        os.close(fd)

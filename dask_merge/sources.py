@@ -10,7 +10,7 @@ change to the merge.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Protocol, Union
 
 import numpy as np
@@ -19,6 +19,13 @@ ProteinSpec = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 """A per-chunk ``STEM_ESM.pt``, an ``embeddings.h5``, or a list (tuple) of HDF5 shards."""
 
 H5_SUFFIXES = (".h5", ".hdf5", ".he5")
+
+
+class Positions(Protocol):
+    """Id -> row: a dict, or a compact table of the whole data set's ids."""
+
+    def get(self, seq_id: str, default: int | None = None) -> int | None:
+        """The row of ``seq_id``, or ``default``."""
 
 
 class Source(Protocol):
@@ -33,7 +40,7 @@ class Source(Protocol):
     """True when the source holds every chunk's ids (an HDF5 file of the data
     set): its ids that a pair does not use are not that pair's leftovers."""
 
-    def positions(self) -> Mapping[str, int]:
+    def positions(self) -> Positions:
         """Id -> row, the row that :meth:`fill` takes; never mutate it."""
 
     def prepare(self, rows: Sequence[int]) -> None:

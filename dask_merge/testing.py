@@ -176,5 +176,6 @@ def reference_merge(nucleotide_file, protein_file, *, label=None) -> dict:
 
 # The v2 layout's builders live in their own module (they import h5py).
 from .testing_h5 import (  # noqa: E402
-    EMBEDDINGS_FILE, H5Sample, H5Writer, fork_convert, make_h5_dataset, write_embeddings_h5,
+    EMBEDDINGS_FILE, H5Sample, H5Writer, fork_convert, fork_merged, make_h5_dataset,
+    write_embeddings_h5,
 )

@@ -160,3 +160,19 @@ def fork_convert(h5_files: Sequence[str | os.PathLike[str]], chunk_ids: Mapping[
         torch.save({"proteins": found, "data": [vectors[i] for i in found]}, path)
         written.append(path)
     return written
+
+
+def fork_merged(h5_files: Sequence[str | os.PathLike[str]], pairs: Sequence,
+                folder: str | os.PathLike[str], *, label: str | None = None) -> dict[str, bytes]:
+    """The bytes of each merged file of the fork's whole path, by stem: :func:`fork_convert`
+    of ``pairs`` (:class:`~dask_merge.testing.SamplePair`) into ``folder/esm``, then
+    :func:`~dask_merge.merge_pair` of each into ``folder/merged``."""
+    from .merge import merge_pair
+
+    esm, out = Path(folder) / "esm", Path(folder) / "merged"
+    esm.mkdir(parents=True)
+    out.mkdir()
+    fork_convert(h5_files, {p.stem: p.protein_ids for p in pairs}, esm)
+    return {p.stem: Path(merge_pair(p.nucleotide, esm / f"{p.stem}{PROTEIN_SUFFIX}",
+                                    out / f"{p.stem}_merged.pt", label=label).output).read_bytes()
+            for p in pairs}

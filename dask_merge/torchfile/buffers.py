@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -45,14 +46,14 @@ class ReadBufferPool:
     def __init__(self) -> None:
         self._local = threading.local()
 
-    def buffers(self) -> dict[str, bytearray]:
+    def buffers(self) -> dict[str, mmap.mmap]:
         """This thread's buffers, by slot."""
         slots = getattr(self._local, "slots", None)
         if slots is None:
             slots = self._local.slots = {}
         return slots
 
-    def read(self, f: BinaryIO, slot: str, *, buffers: dict[str, bytearray] | None = None
+    def read(self, f: BinaryIO, slot: str, *, buffers: dict[str, mmap.mmap] | None = None
              ) -> bytes | memoryview:
         """The whole of ``f``, read into ``slot``'s buffer (grown if too small).
 
@@ -64,7 +65,9 @@ class ReadBufferPool:
         buffer = buffers.get(slot)
         if buffer is None or len(buffer) <= size:
             # Replaced, never resized: a view of the old one may still be alive.
-            buffer = buffers[slot] = bytearray(size + 1 + size // 8)
+            # Anonymous memory, not a bytearray (which zeroes every byte): the
+            # headroom costs no memory until a bigger file fills it.
+            buffer = buffers[slot] = mmap.mmap(-1, size + 1 + size // 8)
         view = memoryview(buffer)
         read = f.readinto(view)
         if read < len(buffer):
