@@ -435,11 +435,12 @@ def run_child(kind: str, *args, timeout: float = 3600, code: str | None = None) 
     CPU used by processes that are not this variant, in cores): timings
     taken beside a busy neighbour are not worth much.
     """
-    command = [sys.executable, __file__, "--child", json.dumps([kind, *args])]
+    command = [sys.executable, os.path.abspath(__file__), "--child", json.dumps([kind, *args])]
     busy, ours, start = _busy_seconds(), _our_cpu_seconds(), time.perf_counter()
-    # ``code``: a checkout whose dask_merge the child imports instead (a baseline).
+    # ``code``: a checkout whose dask_merge the child imports instead (a baseline),
+    # run from there: an older checkout's fork server imports from its working folder.
     env = {**os.environ, "PYTHONPATH": code} if code else None
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=code)
     wall = time.perf_counter() - start
     if done.returncode:
         raise RuntimeError(f"{kind} {args} failed ({done.returncode}):\n{done.stderr[-3000:]}")

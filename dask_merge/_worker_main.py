@@ -113,21 +113,47 @@ def _release_ctrl_c() -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+"""The folder this package was imported from: the fork server imports it from there too."""
+_PATH_VARIABLES = ("PYTHONPATH", "PYTHONSAFEPATH")
+
+
 @contextlib.contextmanager
 def parent_main_announced(*, release_ctrl_c: bool = False) -> Iterator[None]:
-    """Within this block, a process started from here learns which script is ``__main__``.
+    """Around the start of the fork server: what it must learn of this process.
 
-    Around the start of the fork server: it inherits the environment then.
+    It inherits the environment then.  It learns which script is
+    ``__main__`` here (for its stand-in), and imports this package from
+    where this process did.  The server runs ``python -c``, whose first import path is the working
+    folder, and it ignores the ``sys_path`` multiprocessing hands it
+    (``forkserver.main`` takes the argument and never applies it).  A
+    checkout of another version in the working folder would then be what
+    the workers run, while this process runs the installed package.  So the
+    server starts with this package's folder first on ``PYTHONPATH`` and,
+    from Python 3.11 on, ``PYTHONSAFEPATH`` set (no working folder); it puts
+    both variables back as they were before it forks a worker.
     """
     from multiprocessing import spawn
 
     prepared = spawn.get_preparation_data("dask-merge")  # what workers will be sent
     main = {k: prepared[k] for k in ("init_main_from_path", "init_main_from_name") if k in prepared}
-    os.environ[_ENVIRON] = json.dumps({**main, "release_ctrl_c": release_ctrl_c})
+    saved = {name: os.environ.get(name) for name in _PATH_VARIABLES}
+    os.environ[_ENVIRON] = json.dumps({**main, "release_ctrl_c": release_ctrl_c, "environ": saved})
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (_PACKAGE_ROOT, saved["PYTHONPATH"])))
+    os.environ["PYTHONSAFEPATH"] = "1"
     try:
         yield
     finally:
         os.environ.pop(_ENVIRON, None)
+        _restore(saved)
+
+
+def _restore(environ: dict[str, str | None]) -> None:
+    for name, value in environ.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 class _StandIn(types.ModuleType):
@@ -174,6 +200,7 @@ def stand_in(*, init_main_from_path: str | None = None,
 
 if _ENVIRON in os.environ:  # in the fork server, at the end of its preload; never in the parent
     _announced = json.loads(os.environ.pop(_ENVIRON))
+    _restore(_announced.pop("environ"))
     if _announced.pop("release_ctrl_c"):
         _release_ctrl_c()
     stand_in(**_announced)

@@ -145,3 +145,24 @@ def test_pool_workers_import_neither_distributed_nor_torch(tmp_path):
     assert "dask_merge.tasks" in modules and "numpy" in modules
     heavy = [m for m in modules if m.split(".")[0] in ("distributed", "torch", "bokeh", "pandas")]
     assert not heavy, heavy
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="PYTHONSAFEPATH is new in 3.11: on 3.10 "
+                    "the fork server's imports try the working folder first")
+def test_workers_run_the_clients_package_not_one_in_the_working_folder(tmp_path):
+    # A `dask_merge` folder where the command runs (a checkout of another
+    # version, say) must not be what the workers import.
+    cwd = tmp_path / "cwd"
+    (cwd / "dask_merge").mkdir(parents=True)
+    (cwd / "dask_merge" / "__init__.py").write_text(
+        "import os\nopen(os.environ['DECOY_MARK'], 'a').write(f'{os.getpid()}\\n')\n")
+    copy_reference_pairs(tmp_path / "features", 2)
+    command = [str(Path(sys.executable).parent / "dask-merge"), "run", "--nucleotide-dir",
+               str(tmp_path / "features"), "--output-dir", str(tmp_path / "out"),
+               "--scheduler", "processes", "--workers", "2", "--no-progress"]
+    mark = tmp_path / "decoy-imported"
+    done = subprocess.run(command, cwd=cwd, env={**os.environ, "DECOY_MARK": str(mark)},
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert not mark.exists(), f"processes {mark.read_text().split()} imported the decoy"
+    assert len(list((tmp_path / "out").glob("*_merged.pt"))) == 2
