@@ -20,14 +20,11 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import dask
-
 from .audit import FileCheck, check_files
 from .atomic import atomic_write
 from .errors import ConfigurationError
 from .executors import get_executor
 from .executors.dask import _paths_unseen
-from .executors.graph import LOCAL_SCHEDULERS, progress_bar
 from .executors.pool import _start_pool
 from .executors.progress import show_progress
 from .layouts import MERGED_SUFFIX
@@ -61,6 +58,9 @@ class CheckReport:
     def __post_init__(self) -> None:
         first: dict[str, str] = {}
         self.shared_ids = {}
+        every = set().union(*(found.ids for found in self.files))
+        if len(every) == sum(len(found.ids) for found in self.files):
+            return  # no id twice anywhere: the common case, at C speed
         for found in self.files:
             for seq_id in dict.fromkeys(found.ids):
                 where = first.setdefault(seq_id, found.path)
@@ -283,8 +283,12 @@ def _compute(files: list[tuple], options: tuple, executor) -> tuple[list[FileChe
     """Run :func:`check_files` on batches of the files with ``executor``'s workers;
     a batch whose worker died is reported unreadable."""
     with executor.started() as session:
+        # Dask is imported once the executor has started: the pool's fork
+        # server imports the workers' modules meanwhile, on another core.
+        from dask.base import tokenize
+
         batches = _batches(files, session.threads)
-        name = f"{TASK_NAME}-{dask.base.tokenize(batches, options)}"
+        name = f"{TASK_NAME}-{tokenize(batches, options)}"
         graph = {(name, i): (check_files, tuple(map(tuple, b)), *options)
                  for i, b in enumerate(batches)}
         keys = list(graph)
@@ -308,6 +312,8 @@ def _on_local(graph, keys, scheduler: str, workers: int, progress: bool) -> list
     from concurrent.futures.process import BrokenProcessPool
 
     from dask.callbacks import Callback
+
+    from .executors.graph import LOCAL_SCHEDULERS, progress_bar
 
     done: dict = {}
     options = {"num_workers": workers}
