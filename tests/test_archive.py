@@ -425,12 +425,14 @@ def test_ids_without_memo_puts_are_taken_as_one_string_run(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("damage", ["every byte", "frame"])
 def test_a_string_run_without_puts_never_changes_the_outcome(tmp_path, damage):
-    path = _merged_file(tmp_path, ["a", "bb", "ccc", "dd\u00e9", "e"])
+    # 40 ids of one size: the last few are taken in bulk (after 32 one by one).
+    ids = [f"id{i:03d}" for i in range(40)] + ["x", "yy\u00e9"]
+    path = _merged_file(tmp_path, ids)
     raw = open(path, "rb").read()
     start, end = _pickle_span(raw, path)
-    first = raw.index(b"X\x01\0\0\0a", start)
-    stop = raw.index(b"e", raw.index(b"X\x01\0\0\0e", first) + 6)
-    if damage == "frame":  # a FRAME ending at each byte of the run: between two strings, or in one
+    first = raw.index(b"X\x05\0\0\0id030", start)
+    stop = raw.index(b"e", raw.index("yy\u00e9".encode(), first))
+    if damage == "frame":  # a FRAME ending at each byte: between two strings, or in one
         pickle = raw[start:end]
         for boundary in range(first - start, stop - start + 1):
             framed = pickle[:2] + b"\x95" + struct.pack("<Q", boundary - 2) + pickle[2:]

@@ -22,6 +22,7 @@ from .runs import (
 # Opcodes, as the integers that indexing a bytes object gives.
 APPENDS = ord("e")
 _MIN_STRING_RUN, _MAX_SHORT_STRING_RUNS = 8, 16  # see RecordFastPaths._string_run
+_BULK_AFTER = 32  # strings taken one by one before one size is tried in bulk
 
 
 def _float_run_length(ops: np.ndarray) -> int:
@@ -132,7 +133,7 @@ class RecordFastPaths:
         on.  Returns where the run ends, or None if it took nothing.
         """
         data, limit, start = self.data, self.limit, pos
-        unpack_from, index = struct.unpack_from, len(memo)
+        unpack_from, index, depth = struct.unpack_from, len(memo), len(stack)
         while pos + 5 <= limit and data[pos] == 0x58:
             # LONG_BINPUTs: the rest in bulk (see .runs.string_run), then the
             # one that stopped it here.  Runs cut short early cost a search
@@ -146,7 +147,9 @@ class RecordFastPaths:
                 self._short_string_runs += len(names) < _MIN_STRING_RUN
                 if not (pos + 5 <= limit and data[pos] == 0x58):
                     break
-            elif self.runs:  # ids of one size, with or without puts, in bulk
+            # Ids of one size, with or without puts, in bulk once the run is
+            # long enough to pay for numpy (a dict's keys, a file of 10 ids never are).
+            elif self.runs and len(stack) - depth >= _BULK_AFTER:
                 strings, end = same_size_string_run(self, pos, memo)
                 if strings:
                     stack += strings
