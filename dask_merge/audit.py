@@ -1,7 +1,7 @@
 """Check one merged file: what a scientist asks before training on it.
 
-:func:`check_file` streams a ``STEM_merged.pt`` file's rows in blocks of a
-few MiB (never the whole matrix in memory) and counts NaN and infinite
+:func:`check_file` streams a ``STEM_merged.pt`` file's rows in blocks of
+1 MiB (never the whole matrix in memory) and counts NaN and infinite
 values in each half, all-zero rows and ids that appear twice.  Given the
 pair it was made from, it also says whether it is the merge of those inputs
 as they are now: by its checkpoint record, and by merging them again in

@@ -224,3 +224,35 @@ def test_block_counts_in_a_block_too_big_for_one_sum():
     nan, inf = np.zeros(2, np.int64), np.zeros(2, np.int64)
     zeros = _count_block(block, 768, nan, inf).tolist()
     assert (nan.tolist(), inf.tolist(), zeros) == _reference(block, 768) == ([1, 0], [1, 1], [7])
+
+
+# --- ids in more than one file, against the plain loop ------------------------------------------
+
+from dask_merge.audit import FileCheck  # noqa: E402
+from dask_merge.checks import CheckReport  # noqa: E402
+
+
+def _plain_shared(files):
+    shared, first, lines = {}, {}, {}
+    for found in files:
+        for seq_id in dict.fromkeys(found.ids):
+            where = first.setdefault(seq_id, found.path)
+            if where != found.path:
+                shared.setdefault(seq_id, [where]).append(found.path)
+    for seq_id, paths in shared.items():
+        for path in paths[1:]:
+            count, examples = lines.setdefault(path, [0, []])
+            lines[path][0] += 1
+            if len(examples) < 5:
+                examples.append(f"{seq_id!r} (also in {paths[0]})")
+    return shared, [f"{p}: {n} ids also in another file, e.g. {', '.join(e)}" for p, (n, e) in lines.items()]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from("abcdefghij"), max_size=12), max_size=6))
+def test_ids_in_more_than_one_file_are_those_of_the_plain_loop(id_lists):
+    files = [FileCheck(f"m/f{i}_merged.pt", rows=len(ids), width=1, ids=ids) for i, ids in enumerate(id_lists)]
+    report = CheckReport(files, "m")
+    shared, lines = _plain_shared(files)
+    assert report.shared_ids == shared and list(report.shared_ids) == list(shared)
+    assert [line for line in report.findings if "also in another file" in line] == lines
