@@ -175,6 +175,7 @@ def main() -> None:
                 "import dask_merge": ([sys.executable, "-c", "import dask_merge"], None)}
     if options.baseline:
         variants["check [baseline]"] = (tool, options.baseline)
+        variants["check of 1 small file [baseline]"] = (fixed, options.baseline)
     subprocess.run(["cat", *paths], stdout=subprocess.DEVNULL, check=True)  # warm the page cache
     _reap_descendants()
     runs, cpu, load = ({name: [] for name in variants} for _ in range(3))

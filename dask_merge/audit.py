@@ -1,7 +1,7 @@
 """Check one merged file: what a scientist asks before training on it.
 
 :func:`check_file` streams a ``STEM_merged.pt`` file's rows in blocks of
-1 MiB (never the whole matrix in memory) and counts NaN and infinite
+2 MiB (never the whole matrix in memory) and counts NaN and infinite
 values in each half, all-zero rows and ids that appear twice.  Given the
 pair it was made from, it also says whether it is the merge of those inputs
 as they are now: by its checkpoint record, and by merging them again in
@@ -36,7 +36,7 @@ HALVES = ("nucleotide", "protein")
 EXAMPLES = 5  # ids a finding names
 # Rows are read and counted in blocks of about this size: the block is
 # still in the core's cache when it is summed after being read.
-BLOCK_BYTES = 1 << 20
+BLOCK_BYTES = 2 << 20
 
 
 def nucleotide_width_of(width: int, given: int | None = None) -> int | None:
