@@ -170,18 +170,31 @@ def _row_segment(unpickler, label_get: bytes, values_get: bytes, keys: tuple[str
     id_size = 1 if id_form == 0x68 else 4
     header = b"}r\0\0\0\0(" + label_get + bytes([id_form]) + bytes(id_size) + values_get + b"]r\0\0\0\0("
     length = len(header) + 9 * width + 2
-    rows: list[dict] = []
+
+    def take(block: np.ndarray, at: int) -> list[dict]:
+        return _row_block(unpickler, block, header, id_at + 1, id_size, keys, width, at, memo)
+
+    return in_growing_chunks(data, pos, stop, length, take)
+
+
+def in_growing_chunks(data, pos: int, stop: int, length: int, take) -> tuple[list, int]:
+    """The records of ``length`` bytes from ``pos`` (up to ``stop``) that ``take`` takes, and where they end.
+
+    ``take(block, at)`` gets chunks of 16, 32, 64, ... records as 2-D byte
+    arrays (``at``: where the chunk starts) and returns what it makes of
+    those before the first misfit: a run cut short early costs little.
+    """
+    items: list = []
     chunk = _FIRST_CHUNK
     while (available := (stop - pos) // length):
         block = np.frombuffer(data, np.uint8, count=min(chunk, available) * length, offset=pos)
-        taken = _row_block(unpickler, block.reshape(-1, length), header, id_at + 1, id_size,
-                           keys, width, pos, memo)
-        rows += taken
+        taken = take(block.reshape(-1, length), pos)
+        items += taken
         pos += len(taken) * length
         if len(taken) < len(block) // length:
             break
         chunk *= 2
-    return rows, pos
+    return items, pos
 
 
 def _row_block(unpickler, block: np.ndarray, header: bytes, id_at: int, id_size: int,
@@ -316,19 +329,14 @@ def same_size_string_run(unpickler, pos: int, memo: dict) -> tuple[list[str], in
     # Cheap to refuse: a string of another size follows (or none).
     if following + 5 > stop or data[following] != 0x58 or data[following + 1 : following + 5] != size_bytes:
         return [], pos
-    strings: list[str] = []
-    chunk = _FIRST_CHUNK
-    while (available := (stop - pos) // length):
-        block = np.frombuffer(data, np.uint8, count=min(chunk, available) * length, offset=pos)
-        taken = _same_size_block(block.reshape(-1, length), size_bytes, put, len(memo))
+
+    def take(block: np.ndarray, at: int) -> list[str]:
+        taken = _same_size_block(block, size_bytes, put, len(memo))
         if put in _PUT_SIZES:
             memo.update(zip(count(len(memo)), taken))
-        strings += taken
-        pos += len(taken) * length
-        if len(taken) < len(block) // length:
-            break
-        chunk *= 2
-    return strings, pos
+        return taken
+
+    return in_growing_chunks(data, pos, stop, length, take)
 
 
 def _same_size_block(block: np.ndarray, size_bytes: bytes, put: int | None, first: int) -> list[str]:
