@@ -3,33 +3,45 @@
 >>> import dask_merge
 >>> report = dask_merge.run("features/", output_dir="merged/")  # doctest: +SKIP
 
-Importing the package imports no Dask: the kernel (``merge_pair``), the
-planning (``find_pairs``, ``checkpoint_state``, ``plan``, ``plan_pairs``) and the report
-need none, and an executor imports Dask when a run starts.  So a pool
-worker that only merges pairs imports no more than the kernel and the core
-of Dask that runs its tasks.  ``open_merged`` and ``check`` (and their
-classes) import Dask's array and bag modules on first use.
+Importing the package imports only its errors: each other name loads its
+module when first used (``from dask_merge import merge_pair`` too).  So the
+``dask-merge`` command starts its pool's fork server before it imports
+numpy and the rest, and both import at once, on two cores.  The kernel
+(``merge_pair``), the planning (``find_pairs``, ``checkpoint_state``,
+``plan``, ``plan_pairs``) and the report import no Dask, and an executor
+imports Dask when a run starts: a pool worker that only merges pairs
+imports no more than the kernel and the core of Dask that runs its tasks.
+``open_merged`` and ``check`` (and their classes) import Dask's array
+module and its local schedulers.
 """
 
 import importlib as _importlib
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 
-from .api import Plan, plan, plan_pairs, run
-from .checkpoints import Checkpoint, checkpoint_state
 from .errors import (
     ConfigurationError, FileFormatError, MergeError, MispairedError, OutputError, UnsafeFileError,
 )
-from .merge import MergeResult, merge_pair
-from .pairs import FoundPairs, Pair, find_pairs
-from .report import Report
-from .tasks import Record
 
 if _TYPE_CHECKING:  # for type checkers and IDEs; at run time see __getattr__
+    from .api import Plan, plan, plan_pairs, run
+    from .checkpoints import Checkpoint, checkpoint_state
     from .checks import CheckReport, check
     from .explore import MergedFeatures, open_merged
+    from .merge import MergeResult, merge_pair
+    from .pairs import FoundPairs, Pair, find_pairs
+    from .report import Report
+    from .tasks import Record
 
-_LAZY = {"CheckReport": "checks", "check": "checks", "MergedFeatures": "explore",
-         "open_merged": "explore"}
+_LAZY = {
+    "Plan": "api", "plan": "api", "plan_pairs": "api", "run": "api",
+    "Checkpoint": "checkpoints", "checkpoint_state": "checkpoints",
+    "CheckReport": "checks", "check": "checks",
+    "MergedFeatures": "explore", "open_merged": "explore",
+    "MergeResult": "merge", "merge_pair": "merge",
+    "FoundPairs": "pairs", "Pair": "pairs", "find_pairs": "pairs",
+    "Report": "report",
+    "Record": "tasks",
+}
 
 __all__ = [
     "CheckReport",
@@ -59,7 +71,7 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    """Load :mod:`dask_merge.explore` or :mod:`dask_merge.checks` when one of their names is first used."""
+    """Load the module of a public name when the name is first used."""
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

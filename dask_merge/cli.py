@@ -288,6 +288,12 @@ def check_command(output_dir, nucleotide_dir, protein_dir, nucleotide_width, sam
 
     Exit status 0 when nothing was found, 1 for findings, 2 for bad usage.
     """
+    if scheduler == "processes" and scheduler_file is None:
+        # The pool's fork server imports what the workers need (numpy, the
+        # reader, Dask's core) while this process imports the same for itself.
+        from ._worker_main import pool_context
+
+        pool_context()
     try:
         _check_and_report(report_path, output_dir, nucleotide_dir, protein_dir,
                           nucleotide_width=nucleotide_width, sample_rows=sample_rows,

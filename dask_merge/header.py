@@ -184,32 +184,67 @@ def read_rows(path: str, offset: int, width: int, stamp: tuple, start: int, stop
         The file changed (size, mtime or inode) since its header was read, or
         cannot be read: its rows might not be the header's any more.
     """
-    rows = stop - start
-    result = np.empty((rows, width), FLOAT32) if out is None else out[:rows]
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as err:
-        raise FileFormatError(f"{path}: cannot read ({err.strerror or err})") from None
-    try:
-        _same_file(path, fd, stamp)
+    with RowReader(path, offset, width, stamp) as reader:
+        return reader.read(start, stop, out)
+
+
+class RowReader:
+    """A merged file's rows, read block after block through one descriptor.
+
+    Opening checks that the file is the one its header was read from (size,
+    mtime, inode); each :meth:`read` checks it again after reading, so rows
+    rewritten in place while read are never returned as the header's.
+    """
+
+    def __init__(self, path: str, offset: int, width: int, stamp: tuple) -> None:
+        self.path, self.offset, self.width, self.stamp = path, offset, width, stamp
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as err:
+            raise FileFormatError(f"{path}: cannot read ({err.strerror or err})") from None
+        try:
+            self._check()
+        except BaseException:
+            self.close()
+            raise
+
+    def read(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``start:stop``, into ``out`` if given (see :func:`read_rows`)."""
+        rows = stop - start
+        result = np.empty((rows, self.width), FLOAT32) if out is None else out[:rows]
         view = memoryview(result.reshape(-1)).cast("B")
-        first = offset + start * width * FLOAT32.itemsize
+        first = self.offset + start * self.width * FLOAT32.itemsize
         done = 0
         while done < len(view):
-            got = os.preadv(fd, [view[done:]], first + done)
+            got = self._io(os.preadv, self.fd, [view[done:]], first + done)
             if not got:
-                raise MergeError(f"{path}: shorter than its header says: changed since it was opened")
+                raise MergeError(f"{self.path}: shorter than its header says: changed since "
+                                 "it was opened")
             done += got
-        _same_file(path, fd, stamp)  # and not rewritten in place while read
-    except OSError as err:
-        raise FileFormatError(f"{path}: cannot read ({err.strerror or err})") from None
-    finally:
-        os.close(fd)
-    return result
+        self._check()  # and not rewritten in place while read
+        return result
+
+    def _check(self) -> None:
+        _same_file(self.path, self._io(os.fstat, self.fd), self.stamp)
+
+    def _io(self, call, *args):
+        try:
+            return call(*args)
+        except OSError as err:
+            raise FileFormatError(f"{self.path}: cannot read ({err.strerror or err})") from None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> RowReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
-def _same_file(path: str, fd: int, stamp: tuple) -> None:
-    now = Stamp.of(os.fstat(fd))
+def _same_file(path: str, found: os.stat_result, stamp: tuple) -> None:
+    now = Stamp.of(found)
     if now != tuple(stamp):
         then = Stamp(*stamp)
         raise MergeError(f"{path}: changed since it was opened (size {then.size} -> {now.size}, "

@@ -396,6 +396,53 @@ def test_runs_take_the_records_after_the_first_and_give_what_the_opcodes_give(lo
     ]
 
 
+def _merged_file(folder, ids) -> str:
+    """A merged file as this package writes it: its ids are strings without memo puts."""
+    from dask_merge.layouts import write_merged
+
+    path = str(folder / "m_merged.pt")
+    write_merged(path, ids, np.arange(len(ids) * 3, dtype=np.float32).reshape(-1, 3), [1])
+    return path
+
+
+def test_ids_without_memo_puts_are_taken_as_one_string_run(tmp_path, monkeypatch):
+    ids = [f"seq_{i}" for i in range(500)] + ["é\u4e2d", "", "x" * 300]
+    path = _merged_file(tmp_path, ids)
+    pushed = []
+    real = Unpickler._string_run
+
+    def counting(self, pos, stack, memo):
+        before = len(stack)
+        after = real(self, pos, stack, memo)
+        pushed.append(len(stack) - before)
+        return after
+
+    monkeypatch.setattr(Unpickler, "_string_run", counting)
+    loaded, _ = _three_ways(TorchArchive.open(path))
+    assert loaded["ids"] == ids == torch.load(path)["ids"]
+    assert max(pushed) == len(ids)  # the whole list in one run
+
+
+@pytest.mark.parametrize("damage", ["every byte", "frame"])
+def test_a_string_run_without_puts_never_changes_the_outcome(tmp_path, damage):
+    # 40 ids of one size: the last few are taken in bulk (after 32 one by one).
+    ids = [f"id{i:03d}" for i in range(40)] + ["x", "yy\u00e9"]
+    path = _merged_file(tmp_path, ids)
+    raw = open(path, "rb").read()
+    start, end = _pickle_span(raw, path)
+    first = raw.index(b"X\x05\0\0\0id030", start)
+    stop = raw.index(b"e", raw.index("yy\u00e9".encode(), first))
+    if damage == "frame":  # a FRAME ending at each byte: between two strings, or in one
+        pickle = raw[start:end]
+        for boundary in range(first - start, stop - start + 1):
+            framed = pickle[:2] + b"\x95" + struct.pack("<Q", boundary - 2) + pickle[2:]
+            _three_ways(TorchArchive(_with_pickle(raw, framed), path))
+        return
+    for at in range(first, stop + 1):
+        for value in (raw[at] + 1) % 256, raw[at] ^ 0x80, 0x71, 0x72, 0x58:
+            _three_ways(TorchArchive(raw[:at] + bytes([value]) + raw[at + 1 :], path))
+
+
 def _pickle_span(raw: bytes, path: str) -> tuple[int, int]:
     source = TorchArchive(raw, path)
     return source.pickle_offset, source.pickle_offset + source.pickle_size

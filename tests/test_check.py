@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -171,3 +172,87 @@ def test_bad_options_are_refused_before_any_work(folders):
                     {"scheduler": None}):
         with pytest.raises(dask_merge.ConfigurationError):
             dask_merge.check(merged, **options)
+
+
+# --- the counts of one block (audit._count_block) against plain numpy ---------------------------
+#
+# The scan proves most rows clean by their sum alone; these pin that the
+# counts stay exact for every value that could fool a sum: NaN, +/-Inf, -0.0,
+# denormals, finite values whose sum overflows or cancels to zero.
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra import numpy as hnp  # noqa: E402
+
+from dask_merge.audit import _count_block  # noqa: E402
+
+_TRICKY = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, 1.0, -1.0, 1e-45, -1e-45,
+           1.1754942e-38, 3.4028235e38, -3.4028235e38, 1e38, -1e38]
+
+
+def _reference(block, split):
+    nan = [int(np.isnan(part).sum()) for part in (block[:, :split], block[:, split:])]
+    inf = [int(np.isinf(part).sum()) for part in (block[:, :split], block[:, split:])]
+    return nan, inf, np.flatnonzero((block == 0).all(axis=1)).tolist()
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.data())
+def test_block_counts_are_those_of_plain_numpy(data):
+    rows, width = data.draw(st.integers(0, 12)), data.draw(st.integers(0, 40))
+    values = st.sampled_from(_TRICKY) | st.floats(width=32, allow_nan=True, allow_infinity=True)
+    # Mostly zeros and a few values, so that all-zero rows and cancelling sums come up.
+    block = data.draw(hnp.arrays(np.float32, (rows, width), elements=st.just(0.0) | values))
+    if rows and width and data.draw(st.booleans()):  # a row that sums to exactly zero
+        row = data.draw(st.integers(0, rows - 1))
+        block[row] = 0
+        block[row, 0], block[row, -1] = 3.0, -3.0
+    split = data.draw(st.integers(0, width))
+    nan, inf = np.zeros(2, np.int64), np.zeros(2, np.int64)
+    zeros = _count_block(np.ascontiguousarray(block), split, nan, inf).tolist()
+    assert (nan.tolist(), inf.tolist(), zeros) == _reference(block, split)
+
+
+def test_block_counts_in_a_block_too_big_for_one_sum():
+    # 10,000 rows of 3,328, as the scan reads them: sums overflow where values are huge.
+    block = np.random.default_rng(0).standard_normal((600, 3328)).astype(np.float32)
+    block[5] = 3e38                    # finite, but its sum overflows
+    block[6, :2] = [1e-45, -1e-45]     # denormals that cancel
+    block[6, 2:] = 0
+    block[7] = -0.0                    # all zero
+    block[8, 100], block[9, 3000], block[10, 767] = np.nan, np.inf, -np.inf
+    nan, inf = np.zeros(2, np.int64), np.zeros(2, np.int64)
+    zeros = _count_block(block, 768, nan, inf).tolist()
+    assert (nan.tolist(), inf.tolist(), zeros) == _reference(block, 768) == ([1, 0], [1, 1], [7])
+
+
+# --- ids in more than one file, against the plain loop ------------------------------------------
+
+from dask_merge.audit import FileCheck  # noqa: E402
+from dask_merge.checks import CheckReport  # noqa: E402
+
+
+def _plain_shared(files):
+    shared, first, lines = {}, {}, {}
+    for found in files:
+        for seq_id in dict.fromkeys(found.ids):
+            where = first.setdefault(seq_id, found.path)
+            if where != found.path:
+                shared.setdefault(seq_id, [where]).append(found.path)
+    for seq_id, paths in shared.items():
+        for path in paths[1:]:
+            count, examples = lines.setdefault(path, [0, []])
+            lines[path][0] += 1
+            if len(examples) < 5:
+                examples.append(f"{seq_id!r} (also in {paths[0]})")
+    return shared, [f"{p}: {n} ids also in another file, e.g. {', '.join(e)}" for p, (n, e) in lines.items()]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from("abcdefghij"), max_size=12), max_size=6))
+def test_ids_in_more_than_one_file_are_those_of_the_plain_loop(id_lists):
+    files = [FileCheck(f"m/f{i}_merged.pt", rows=len(ids), width=1, ids=ids) for i, ids in enumerate(id_lists)]
+    report = CheckReport(files, "m")
+    shared, lines = _plain_shared(files)
+    assert report.shared_ids == shared and list(report.shared_ids) == list(shared)
+    assert [line for line in report.findings if "also in another file" in line] == lines

@@ -1,14 +1,16 @@
 """The Dask graph every executor computes, and Dask's local schedulers.
 
-Imported by an executor when it starts, never before: it imports Dask.
+Imported by an executor when it starts, never before: it imports Dask
+(its bag module, which imports fsspec, only when a bag is made: ``check``
+needs the schedulers alone).
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+from typing import TYPE_CHECKING
 
-import dask.bag as db
 import dask.local
 import dask.multiprocessing
 import dask.threaded
@@ -17,6 +19,9 @@ from dask.base import tokenize
 from ..pairs import Pair
 from ..tasks import merge_pairs, records_as_dicts
 from . import TASK_NAME
+
+if TYPE_CHECKING:
+    import dask.bag as db
 
 
 # Dask's local schedulers as functions: given by name, ``compute`` first imports
@@ -37,6 +42,8 @@ def merge_bag(partitions: list[list[Pair]], merge_args: tuple, *,
     each task turns its records into dicts itself (a task within the task),
     so that a bag for users holds plain data under the same task names.
     """
+    import dask.bag as db
+
     # Plain tuples: Dask walks a namedtuple argument to rebuild it (40 ms for
     # 2,000 pairs); merge_pairs makes Pairs again.
     batches = [tuple(map(tuple, part)) for part in partitions]

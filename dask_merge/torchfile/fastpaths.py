@@ -15,11 +15,14 @@ import numpy as np
 
 from ..errors import FileFormatError
 from .refs import ORDERED_DICT, STORAGE_DTYPES, FloatRun, Global, StorageRef, TensorRef, known_location
-from .runs import LONG_PUTS, MAX_TEMPLATES, row_run, string_run, tensor_run, tensor_run_layout
+from .runs import (
+    LONG_PUTS, MAX_TEMPLATES, row_run, same_size_string_run, string_run, tensor_run, tensor_run_layout,
+)
 
 # Opcodes, as the integers that indexing a bytes object gives.
 APPENDS = ord("e")
 _MIN_STRING_RUN, _MAX_SHORT_STRING_RUNS = 8, 16  # see RecordFastPaths._string_run
+_BULK_AFTER = 32  # strings taken one by one before one size is tried in bulk
 
 
 def _float_run_length(ops: np.ndarray) -> int:
@@ -116,46 +119,65 @@ class RecordFastPaths:
         return None, end
 
     def _string_run(self, pos: int, stack: list, memo: dict) -> int | None:
-        """Push the strings from the BINUNICODE at ``pos`` that are each put in the memo.
+        """Push the strings from the BINUNICODE at ``pos`` on, each put in the memo or not.
 
-        A list of ids is such a run: ``X <size> <utf-8> r <index>`` (or a
-        BINPUT), the index always the memo's next.  One string and its put
-        per step of a small loop, instead of two turns of the opcode loop;
-        where anything else comes (another opcode, a string that is not
-        UTF-8, the end of the frame), the opcodes carry on.  Returns where
-        the run ends, or None if it took nothing.
+        A list of ids is such a run: ``X <size> <utf-8>``, then in torch's
+        pickles a put of the memo's next index (``r <index>`` or a BINPUT),
+        in this package's merged files none.  Long runs with LONG_BINPUTs
+        (:func:`~.runs.string_run`) and strings of one size
+        (:func:`~.runs.same_size_string_run`) come in bulk, others one (and
+        its put) per step of a small loop, instead of one or two turns of the
+        opcode loop;
+        where anything else comes (another opcode, a put of another index, a
+        string that is not UTF-8, the end of the frame), the opcodes carry
+        on.  Returns where the run ends, or None if it took nothing.
         """
         data, limit, start = self.data, self.limit, pos
-        unpack_from, index = struct.unpack_from, len(memo)
-        while pos + 10 <= limit and data[pos] == 0x58:
+        unpack_from, index, depth = struct.unpack_from, len(memo), len(stack)
+        while pos + 5 <= limit and data[pos] == 0x58:
             # LONG_BINPUTs: the rest in bulk (see .runs.string_run), then the
             # one that stopped it here.  Runs cut short early cost a search
             # each for little: a file that makes many (a forged one can) goes
             # one by one from then on.
-            if index >= LONG_PUTS and self.runs and self._short_string_runs < _MAX_SHORT_STRING_RUNS:
+            if (index >= LONG_PUTS and pos + 10 <= limit and self.runs
+                    and self._short_string_runs < _MAX_SHORT_STRING_RUNS):
                 names, pos = string_run(self, pos, memo)
                 stack += names
                 index += len(names)
                 self._short_string_runs += len(names) < _MIN_STRING_RUN
-                if not (pos + 10 <= limit and data[pos] == 0x58):
+                if not (pos + 5 <= limit and data[pos] == 0x58):
                     break
+            # Ids of one size, with or without puts, in bulk once the run is
+            # long enough to pay for numpy (a dict's keys, a file of 10 ids never are).
+            elif self.runs and len(stack) - depth >= _BULK_AFTER:
+                strings, end = same_size_string_run(self, pos, memo)
+                if strings:
+                    stack += strings
+                    pos, index = end, len(memo)
+                    continue
             after = pos + 5 + unpack_from("<I", data, pos + 1)[0]
-            if after + 2 > limit:
+            if after > limit:
                 break
-            put = data[after]
-            if put == 0x72 and after + 5 <= limit and unpack_from("<I", data, after + 1)[0] == index:
+            put = data[after] if after < limit else None
+            if put == 0x72:
+                if after + 5 > limit or unpack_from("<I", data, after + 1)[0] != index:
+                    break
                 end = after + 5
-            elif put == 0x71 and data[after + 1] == index:
+            elif put == 0x71:
+                if after + 2 > limit or data[after + 1] != index:
+                    break
                 end = after + 2
             else:
-                break
+                end = after
             try:
                 value = str(data[pos + 5 : after], "utf-8", "surrogatepass")
             except UnicodeDecodeError:
                 break
             stack.append(value)
-            memo[index] = value
-            index, pos = index + 1, end
+            if end != after:
+                memo[index] = value
+                index += 1
+            pos = end
         return pos if pos != start else None
 
     def _row_record(self, pos: int, memo: dict) -> tuple[list[dict], int] | None:

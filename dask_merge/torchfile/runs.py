@@ -170,18 +170,31 @@ def _row_segment(unpickler, label_get: bytes, values_get: bytes, keys: tuple[str
     id_size = 1 if id_form == 0x68 else 4
     header = b"}r\0\0\0\0(" + label_get + bytes([id_form]) + bytes(id_size) + values_get + b"]r\0\0\0\0("
     length = len(header) + 9 * width + 2
-    rows: list[dict] = []
+
+    def take(block: np.ndarray, at: int) -> list[dict]:
+        return _row_block(unpickler, block, header, id_at + 1, id_size, keys, width, at, memo)
+
+    return in_growing_chunks(data, pos, stop, length, take)
+
+
+def in_growing_chunks(data, pos: int, stop: int, length: int, take) -> tuple[list, int]:
+    """The records of ``length`` bytes from ``pos`` (up to ``stop``) that ``take`` takes, and where they end.
+
+    ``take(block, at)`` gets chunks of 16, 32, 64, ... records as 2-D byte
+    arrays (``at``: where the chunk starts) and returns what it makes of
+    those before the first misfit: a run cut short early costs little.
+    """
+    items: list = []
     chunk = _FIRST_CHUNK
     while (available := (stop - pos) // length):
         block = np.frombuffer(data, np.uint8, count=min(chunk, available) * length, offset=pos)
-        taken = _row_block(unpickler, block.reshape(-1, length), header, id_at + 1, id_size,
-                           keys, width, pos, memo)
-        rows += taken
+        taken = take(block.reshape(-1, length), pos)
+        items += taken
         pos += len(taken) * length
         if len(taken) < len(block) // length:
             break
         chunk *= 2
-    return rows, pos
+    return items, pos
 
 
 def _row_block(unpickler, block: np.ndarray, header: bytes, id_at: int, id_size: int,
@@ -284,3 +297,69 @@ def _string_block(raw: np.ndarray, first: int) -> tuple[list[str], int]:
     names = decode_spans(raw, at[:taken] + 5, lengths[:taken], errors="surrogatepass")
     return names, int(put[len(names) - 1]) + 5 if names else 0
 
+
+# --- ids of one size, with puts or without ---------------------------------------
+#
+# A list of ids: ``X <size> <utf-8>`` each, then in torch's pickles a put of
+# the memo's next index (BINPUT below 256, LONG_BINPUT from there), in this
+# package's merged files none (string_run above needs the puts).  Ids of one
+# length, as most are in long stretches, make records of one length: a 2-D
+# array of bytes again.
+
+_PUT_SIZES = {0x71: 2, 0x72: 5}  # BINPUT, LONG_BINPUT
+
+
+def same_size_string_run(unpickler, pos: int, memo: dict) -> tuple[list[str], int]:
+    """The strings from the BINUNICODE at ``pos`` on whose records repeat its form, and where they end.
+
+    A record's form is its string's size and its put (none, BINPUT or
+    LONG_BINPUT).  Takes two records or more, or none.  Each string has the
+    effect its opcodes would have: pushed, and put in the memo if its record
+    has a put.  A run ends before the first record of another form, a put of
+    another index than the memo's next, a string that is not UTF-8, or the
+    end of the frame; from there the opcodes carry on.
+    """
+    data, stop = unpickler.data, unpickler.limit
+    size_bytes = bytes(data[pos + 1 : pos + 5])
+    size = int.from_bytes(size_bytes, "little")
+    after = pos + 5 + size
+    put = data[after] if after < stop else None
+    length = 5 + size + _PUT_SIZES.get(put, 0)
+    following = pos + length
+    # Cheap to refuse: a string of another size follows (or none).
+    if following + 5 > stop or data[following] != 0x58 or data[following + 1 : following + 5] != size_bytes:
+        return [], pos
+
+    def take(block: np.ndarray, at: int) -> list[str]:
+        taken = _same_size_block(block, size_bytes, put, len(memo))
+        if put in _PUT_SIZES:
+            memo.update(zip(count(len(memo)), taken))
+        return taken
+
+    return in_growing_chunks(data, pos, stop, length, take)
+
+
+def _same_size_block(block: np.ndarray, size_bytes: bytes, put: int | None, first: int) -> list[str]:
+    """The strings of records of one form (a 2-D array of their bytes) before the first misfit."""
+    n, size = len(block), len(block[0]) - 5 - _PUT_SIZES.get(put, 0)
+    good = (block[:, :5] == np.frombuffer(b"X" + size_bytes, np.uint8)).all(axis=1)
+    if put in _PUT_SIZES:
+        good &= block[:, 5 + size] == put
+        good &= _le_ints(block, 6 + size, _PUT_SIZES[put] - 1) == np.arange(first, first + n)
+    taken = n if good.all() else int(np.argmin(good))
+    raw = block[:taken, 5 : 5 + size]
+    if size == 0:
+        return [""] * taken
+    if (raw < 0x80).all():  # ASCII: decoded at once, then cut
+        text = raw.tobytes().decode("ascii")
+        if taken < 256:
+            return [text[i : i + size] for i in range(0, len(text), size)]
+        # Twice as fast for many; a pattern per size, compiled once per 256 strings at most.
+        return re.findall(f"(?s).{{{size}}}", text)
+    strings = []
+    for row in raw:
+        try:
+            strings.append(str(row.tobytes(), "utf-8", "surrogatepass"))
+        except UnicodeDecodeError:
+            break
+    return strings

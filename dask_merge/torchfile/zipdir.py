@@ -70,12 +70,7 @@ def zip_directory(read: Callable[[int, int], bytes | memoryview], size: int
 def _central_directory(read: Callable[[int, int], bytes | memoryview], size: int
                        ) -> tuple[bytes | memoryview, int, int]:
     """The central directory's bytes, its entry count and where it starts (see :func:`zip_directory`)."""
-    search = max(0, size - _END.size - 0xFFFF)  # the end record and its comment
-    first = max(0, search - _END64_LOCATOR.size)  # and the zip64 locator before it
-    tail = bytes(read(first, size - first))
-    end = tail.rfind(b"PK\x05\x06", search - first)
-    if end < 0:
-        raise ValueError("no end of central directory")
+    tail, first, end = _end_record(read, size)
     _, disk, directory_disk, count_here, count, length, offset, _ = _END.unpack_from(tail, end)
     # torch.save writes one disk; miniz (torch.load) refuses other disk numbers.
     # (0xFFFF: "see the zip64 end record", which is checked below.)
@@ -140,6 +135,29 @@ def _directory_entries(directory: bytes | memoryview, count: int, offset: int
     if len(entries) != count:
         raise ValueError("two members share a name")
     return entries
+
+
+def _end_record(read: Callable[[int, int], bytes | memoryview], size: int) -> tuple[bytes, int, int]:
+    """The file's bytes from ``first`` to its end, ``first``, and where its end record is in them.
+
+    The end record is the last ``PK\\5\\6`` of the file's last 64 KiB and
+    some bytes (it and its comment), with room before it for a zip64
+    locator.  Files without a comment have it in their last KiB: read that
+    first, and the whole span only if it is not there.
+    """
+    search = max(0, size - _END.size - 0xFFFF)  # the end record and its comment
+    widest = max(0, search - _END64_LOCATOR.size)  # and the zip64 locator before it
+    for first in dict.fromkeys((max(widest, size - _TAIL), widest)):
+        tail = bytes(read(first, size - first))
+        end = tail.rfind(b"PK\x05\x06", max(search - first, 0))
+        # A suffix of the span holds the span's last match, if it holds any,
+        # and then, with room for the locator before it, all the span would give.
+        if end >= _END64_LOCATOR.size or (end >= 0 and first == widest):
+            return tail, first, end
+    raise ValueError("no end of central directory")
+
+
+_TAIL = 1024
 
 
 def data_start(header: bytes | memoryview, at: int, local: int, name: str) -> int:
