@@ -16,6 +16,9 @@ _END64 = struct.Struct("<4sQ2H2L4Q")
 _CENTRAL = struct.Struct("<4s6H3L5H2L")  # central directory file header
 _LOCAL = struct.Struct("<4s5H3L2H")  # local file header
 _DOS_DIRECTORY = 0x10  # the directory bit of a member's external attributes
+# Flags beyond a data descriptor, UTF-8 names and deflate options (encryption,
+# patched data, ...): miniz (torch.load) refuses them as unsupported.
+_REFUSED_FLAGS = 0xFFFF & ~0x080E
 BULK_ENTRIES = 200
 """From this many entries on, a plain directory is read as one numpy array.
 
@@ -109,9 +112,7 @@ def _directory_entries(directory: bytes | memoryview, count: int, offset: int
          comment_length, member_disk, _, attributes, local) = _CENTRAL.unpack_from(directory, position)
         if signature != b"PK\x01\x02":
             raise ValueError(f"a broken central directory entry at byte {offset + position}")
-        # Flags beyond a data descriptor, UTF-8 names and deflate options (encryption,
-        # patched data, ...): miniz (torch.load) refuses them as unsupported.
-        if member_disk or flags & ~0x080E:
+        if member_disk or flags & _REFUSED_FLAGS:
             raise ValueError(f"a member on disk {member_disk} or encrypted (flags {flags:#x})")
         name_start = position + _CENTRAL.size
         name = str(directory[name_start : name_start + name_length], "utf-8")
@@ -242,7 +243,7 @@ def _plain_directory(directory: bytes | memoryview, count: int, offset: int) -> 
     if ends[-1] > len(raw) or (ends[:-1] != starts[1:]).any():
         return None
     wide = 0xFFFFFFFF
-    if ((entries["disk"] != 0) | (entries["flags"] & 0xF7F1 != 0)  # the flags the loop refuses
+    if ((entries["disk"] != 0) | (entries["flags"] & _REFUSED_FLAGS != 0)
             | (entries["attributes"] & _DOS_DIRECTORY != 0)
             | (entries["compressed"] == wide) | (entries["plain"] == wide) | (entries["local"] == wide)
             | ((entries["method"] == 0) & (entries["compressed"] != entries["plain"]))
