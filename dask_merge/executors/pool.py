@@ -41,9 +41,9 @@ class PoolExecutor(Executor):
 
     @contextlib.contextmanager
     def started(self) -> Iterator[Session]:
-        # The one place the fork server starts: here, before this process
-        # imports Dask (which its ~0.2 s of imports then overlap), and only
-        # for a run with something to merge.
+        # The fork server starts here, before this process imports Dask
+        # (which its ~0.2 s of imports then overlap), and only for a run with
+        # something to merge; `dask-merge check` starts it earlier still.
         pool_context()
         yield Session(self.workers, self._run)
 
