@@ -383,9 +383,10 @@ def run(
     Unknown options and bad values fail before planning creates the output folder.
     """
     accepted = inspect.signature(get_executor).parameters
+    planning = [name for name, p in inspect.signature(plan).parameters.items()
+                if p.kind is p.KEYWORD_ONLY]
     for name in options.keys() - accepted.keys():
-        close = difflib.get_close_matches(name, [*accepted, "label", "force", "max_dropped",
-                                                   "nucleotide_suffix", "protein_suffix"], 1)
+        close = difflib.get_close_matches(name, [*accepted, *planning], 1)
         raise TypeError(f"run() got an unexpected option {name!r}"
                         + (f"; did you mean {close[0]!r}?" if close else ""))
     executor = get_executor(**options)
